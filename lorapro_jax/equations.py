@@ -1,0 +1,144 @@
+"""The LoRA-Pro equations, one pure function per equation.
+
+Symbols follow Wang et al., "LoRA-Pro: Are Low-Rank Adapters Properly
+Optimized?" (ICLR 2025): W = W0 + s·B·A with B (m×r) and A (r×n), the full
+fine-tuning gradient g (m×n), the LoRA gradients g_lora^A = s·Bᵀg (r×n) and
+g_lora^B = s·g·Aᵀ (m×r) (Eq. 5), and the free r×r matrix X of Theorem 2.1.
+Every function works on one pair; `lorapro_jax.batched` vmaps them.
+
+Three numerical choices make these functions differ slightly from the printed
+equations while computing the same quantities:
+
+* **Scale normalisation.** A = α·Â and B = β·B̂ with α = max|A|, β = max|B|.
+  Gram matrices are formed from Â and B̂ (BᵀB = β²·Ĝ_B, AAᵀ = α²·Ĝ_A) and the
+  factors α, β are carried analytically, so float32 entries anywhere from
+  1e-30 to 1e30 neither overflow nor underflow. X is carried as
+  Y = α·β·X, the quantity that multiplies Â and B̂.
+* **Damping.** Each normalised Gram matrix G is replaced by G + δ·(tr G / r)·I
+  (Tikhonov damping relative to its mean eigenvalue; an all-zero matrix gets
+  G + I). This bounds every inverse, keeps B = 0 (LoRA's initialisation) well
+  defined, and changes a well-conditioned problem by a relative O(δ·cond).
+* **One eigendecomposition per Gram matrix.** Ĝ = Q·diag(w)·Qᵀ gives the
+  inverse and diagonalises the Sylvester equation (15), whose solution is then
+  an elementwise division (Bartels-Stewart with symmetric factors).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+class Normalised(NamedTuple):
+  """A matrix M = scale · M_hat with max|M_hat| = 1 (or M = 0 and scale = 1)."""
+  hat: Array
+  scale: Array
+
+
+class DampedEig(NamedTuple):
+  """Ĝ + δ·(tr Ĝ / r)·I = Q diag(w) Qᵀ, with every w > 0."""
+  w: Array
+  Q: Array
+
+
+def normalise(M: Array) -> Normalised:
+  """Splits M into max|M| and M / max|M| (scale 1 for zero or non-finite M)."""
+  c = jnp.max(jnp.abs(M))
+  c = jnp.where((c > 0) & jnp.isfinite(c), c, jnp.ones_like(c))
+  return Normalised(M / c, c)
+
+
+def gram_B(B_hat: Array) -> Array:
+  """Ĝ_B = B̂ᵀB̂ (r×r); BᵀB = β²·Ĝ_B."""
+  return B_hat.T @ B_hat
+
+
+def gram_A(A_hat: Array) -> Array:
+  """Ĝ_A = ÂÂᵀ (r×r); AAᵀ = α²·Ĝ_A."""
+  return A_hat @ A_hat.T
+
+
+def damped_eigh(G: Array, damping: Array | float) -> DampedEig:
+  """Eigendecomposition of the damped Gram matrix (batched over leading axes).
+
+  Eigenvalues are clipped at zero first: a PSD matrix's rounding error can
+  make its smallest eigenvalues slightly negative.
+  """
+  w, Q = jnp.linalg.eigh(G)
+  w = jnp.maximum(w, 0)
+  mean = jnp.mean(w, axis=-1, keepdims=True)
+  shift = jnp.where(mean > 0, damping * mean, jnp.ones_like(mean))
+  return DampedEig(w + shift, Q)
+
+
+def inverse(eig: DampedEig) -> Array:
+  """Ĝ⁻¹ = Q diag(1/w) Qᵀ."""
+  return (eig.Q / eig.w[..., None, :]) @ jnp.swapaxes(eig.Q, -1, -2)
+
+
+def lora_gradients(g: Array, A: Array, B: Array, s: Array):
+  """Eq. (5), and Eq. (56) for g = g̃^AdamW: g_lora^A = s·Bᵀg, g_lora^B = s·g·Aᵀ."""
+  return s * (B.T @ g), s * (g @ A.T)
+
+
+def sylvester_rhs(g_lora_A: Array, A: Normalised, B: Normalised,
+                  G_B_inv: Array, s: Array) -> Array:
+  """Right-hand side of Eq. (15), -(1/s²)(BᵀB)⁻¹ g_lora^A Aᵀ, in Y units.
+
+  Multiplying Eq. (15) by β/α turns it into
+  (β/α)²·Ĝ_B·Y + Y·Ĝ_A = -(1/s²)·Ĝ_B⁻¹·(g_lora^A / β)·Âᵀ.
+  """
+  return -(G_B_inv @ ((g_lora_A / B.scale) @ A.hat.T)) / s**2
+
+
+def solve_sylvester(C: Array, eig_B: DampedEig, eig_A: DampedEig,
+                    beta_over_alpha_sq: Array) -> Array:
+  """Theorem 2.3: solves (β/α)²·Ĝ_B·Y + Y·Ĝ_A = C for Y = α·β·X.
+
+  With Ĝ_B = U diag(λ) Uᵀ and Ĝ_A = V diag(μ) Vᵀ the equation is diagonal:
+  Ỹ_ij = (UᵀCV)_ij / ((β/α)²·λ_i + μ_j). Every λ, μ is positive after damping,
+  so the denominator never vanishes; an overflowing (β/α)² correctly sends
+  Y to zero.
+  """
+  U, V = eig_B.Q, eig_A.Q
+  denom = beta_over_alpha_sq * eig_B.w[:, None] + eig_A.w[None, :]
+  return U @ (((U.T @ C) @ V) / denom) @ V.T
+
+
+def x_symmetric(g_lora_B: Array, A: Normalised, B: Normalised,
+                G_A_inv: Array, G_B_inv: Array, s: Array) -> Array:
+  """Corrected Eq. (16), in Y units.
+
+  The printed Eq. (16) is m×n, not r×r. The X that enforces g^B·A = B·g^A in
+  the least-squares sense is X = -(1/(2s²))(BᵀB)⁻¹ Bᵀ g_lora^B (AAᵀ)⁻¹, i.e.
+  Y = α·β·X = -(1/(2s²))·Ĝ_B⁻¹·B̂ᵀ·(g_lora^B / α)·Ĝ_A⁻¹.
+  """
+  return -(G_B_inv @ (B.hat.T @ (g_lora_B / A.scale)) @ G_A_inv) / (2 * s**2)
+
+
+def adjusted_gradients(g_lora_A: Array, g_lora_B: Array, A: Normalised,
+                       B: Normalised, G_A_inv: Array, G_B_inv: Array,
+                       Y: Array, s: Array) -> tuple[Array, Array]:
+  """Theorem 2.1, Eq. (8) and (10):
+
+    g^A = (1/s²)(BᵀB)⁻¹ g_lora^A + X·A
+    g^B = (1/s²)[I - B(BᵀB)⁻¹Bᵀ] g_lora^B (AAᵀ)⁻¹ - B·X
+
+  written with B = β·B̂, A = α·Â, X = Y/(αβ), and without forming the m×m
+  projector: every product costs O((m + n)·r²).
+  """
+  a, b = A.scale, B.scale
+  g_A = ((G_B_inv @ (g_lora_A / b)) / s**2 + Y @ A.hat) / b
+  T = ((g_lora_B / a) @ G_A_inv) / s**2
+  g_B = (T - B.hat @ (G_B_inv @ (B.hat.T @ T) + Y)) / a
+  return g_A, g_B
+
+
+def equivalent_gradient(g_A: Array, g_B: Array, A: Array, B: Array,
+                        s: Array) -> Array:
+  """Definition 1 / Eq. (55): g̃ = s·B·g^A + s·g^B·A (m×n), as one matmul."""
+  return s * (jnp.concatenate([B, g_B], -1) @ jnp.concatenate([g_A, A], -2))
