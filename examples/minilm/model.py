@@ -78,6 +78,10 @@ def lora_scale(rank: int, alpha: float, scale_mode: str = "lora") -> float:
     raise ValueError(f"scale_mode must be 'lora' or 'rslora', got {scale_mode!r}")
 
 
+# BERT's initializer_range.
+_BERT_INIT = nnx.initializers.normal(0.02)
+
+
 def _peft_a_init(key, shape, dtype=jnp.float32):
     # PEFT initialises A as torch Linear(in, r) with kaiming_uniform(a=sqrt(5)),
     # i.e. U(-1/sqrt(in), 1/sqrt(in)); B starts at zero so the adapter is a no-op.
@@ -104,10 +108,11 @@ class LoRALinear(nnx.Module):
         rngs: nnx.Rngs,
         a_init=_peft_a_init,
         b_init=nnx.initializers.zeros,
+        kernel_init=_BERT_INIT,
     ):
         self.in_features = in_features
         self.out_features = out_features
-        self.base = nnx.Linear(in_features, out_features, rngs=rngs)
+        self.base = nnx.Linear(in_features, out_features, kernel_init=kernel_init, rngs=rngs)
         self.rank = int(rank)
         self.scale = float(scale) if rank > 0 else 0.0
         if self.rank > 0:
@@ -125,10 +130,10 @@ class LoRALinear(nnx.Module):
 
 
 class Embeddings(nnx.Module):
-    def __init__(self, cfg: MiniLMConfig, *, rngs: nnx.Rngs):
-        self.word = nnx.Embed(cfg.vocab_size, cfg.hidden_size, rngs=rngs)
-        self.position = nnx.Embed(cfg.max_position_embeddings, cfg.hidden_size, rngs=rngs)
-        self.token_type = nnx.Embed(cfg.type_vocab_size, cfg.hidden_size, rngs=rngs)
+    def __init__(self, cfg: MiniLMConfig, *, rngs: nnx.Rngs, init=_BERT_INIT):
+        self.word = nnx.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=init, rngs=rngs)
+        self.position = nnx.Embed(cfg.max_position_embeddings, cfg.hidden_size, embedding_init=init, rngs=rngs)
+        self.token_type = nnx.Embed(cfg.type_vocab_size, cfg.hidden_size, embedding_init=init, rngs=rngs)
         self.norm = nnx.LayerNorm(cfg.hidden_size, epsilon=cfg.layer_norm_eps, rngs=rngs)
         self.dropout = nnx.Dropout(cfg.dropout_rate, rngs=rngs)
 
@@ -141,14 +146,16 @@ class Embeddings(nnx.Module):
 class EncoderLayer(nnx.Module):
     """One post-LN BERT block; ``attn_norm``/``ffn_norm`` are BERT's two LayerNorms."""
 
-    def __init__(self, cfg: MiniLMConfig, *, rank_for: dict[str, int], scale: float, rngs: nnx.Rngs):
+    def __init__(
+        self, cfg: MiniLMConfig, *, rank_for: dict[str, int], scale: float, rngs: nnx.Rngs, init=_BERT_INIT
+    ):
         d, f = cfg.hidden_size, cfg.intermediate_size
         if d % cfg.num_heads:
             raise ValueError(f"hidden_size {d} not divisible by num_heads {cfg.num_heads}")
         self.num_heads = cfg.num_heads
 
         def lin(name, i, o):
-            return LoRALinear(i, o, rank=rank_for[name], scale=scale, rngs=rngs)
+            return LoRALinear(i, o, rank=rank_for[name], scale=scale, kernel_init=init, rngs=rngs)
 
         self.query = lin("query", d, d)
         self.key = lin("key", d, d)
@@ -197,6 +204,7 @@ class MiniLMEncoder(nnx.Module):
         alpha: float = 16.0,
         scale_mode: str = "lora",
         targets: Sequence[str] = LORA_TARGETS,
+        random_base_init: bool = True,
         rngs: nnx.Rngs,
     ):
         unknown = set(targets) - set(LORA_TARGETS)
@@ -208,11 +216,14 @@ class MiniLMEncoder(nnx.Module):
         self.rank = int(rank)
         self.scale = lora_scale(rank, alpha, scale_mode)
         rank_for = {name: (rank if name in targets else 0) for name in LORA_TARGETS}
-        self.embeddings = Embeddings(cfg, rngs=rngs)
+        # Zeros skip ~6 s of per-shape RNG compilation on CPU when a checkpoint
+        # will overwrite the base weights anyway (see weights.load_pretrained).
+        init = _BERT_INIT if random_base_init else nnx.initializers.zeros_init()
+        self.embeddings = Embeddings(cfg, rngs=rngs, init=init)
         self.layers = nnx.List(
-            [EncoderLayer(cfg, rank_for=rank_for, scale=self.scale, rngs=rngs) for _ in range(cfg.num_layers)]
+            [EncoderLayer(cfg, rank_for=rank_for, scale=self.scale, rngs=rngs, init=init) for _ in range(cfg.num_layers)]
         )
-        self.pooler = nnx.Linear(cfg.hidden_size, cfg.hidden_size, rngs=rngs)
+        self.pooler = nnx.Linear(cfg.hidden_size, cfg.hidden_size, kernel_init=init, rngs=rngs)
 
     def hidden_states(self, ids, mask, type_ids=None) -> jax.Array:
         """Last-layer token states, (batch, seq, hidden)."""

@@ -141,6 +141,17 @@ def load_state_dict(model: MiniLMEncoder, tensors: Mapping[str, np.ndarray]) -> 
         var[...] = jnp.asarray(arr.T if transpose else arr)
 
 
+def to_state_dict(model: MiniLMEncoder) -> dict[str, np.ndarray]:
+    """Base weights under their PyTorch/HF BERT names (inverse of :func:`load_state_dict`).
+
+    LoRA adapters are not included or merged.
+    """
+    return {
+        name: np.asarray(var[...]).T.copy() if transpose else np.asarray(var[...]).copy()
+        for name, (var, transpose) in _torch_name_map(model).items()
+    }
+
+
 def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 
@@ -166,7 +177,9 @@ def load_pretrained(
     files = locate_files()
     cfg = MiniLMConfig.from_hf_json(files.config_json, dropout_rate=dropout_rate)
     rngs = nnx.Rngs(0) if rngs is None else rngs
-    model = MiniLMEncoder(cfg, rank=rank, alpha=alpha, scale_mode=scale_mode, targets=targets, rngs=rngs)
+    model = MiniLMEncoder(
+        cfg, rank=rank, alpha=alpha, scale_mode=scale_mode, targets=targets, random_base_init=False, rngs=rngs
+    )
     load_state_dict(model, read_safetensors(files.safetensors))
     return model
 
