@@ -1,0 +1,355 @@
+"""The paper's theorems, checked on `lorapro`'s output against NumPy (float64).
+
+Theorem 2.1 (optimal equivalent gradient), Theorem 2.2 (descent), Theorem 2.3
+(Sylvester X), the corrected Eq. (16), the B = 0 first step, and finiteness on
+degenerate and extreme factors.
+"""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import lorapro_jax as lpj
+import reference as ref
+from conftest import (TINY_DAMPING, get_pair, pair_tree, pairs_arg, random_pair, run_lorapro,
+                      to_layout)
+
+X_CHOICES = ("sylvester", "zero", "symmetric")
+LAYOUTS = ("flax", "paper")
+# (m, n, r, s): tall, wide, square, rank 1, rank close to min(m, n).
+SHAPES = [(7, 5, 2, 1.7), (16, 12, 4, 2.0), (5, 9, 3, 0.5), (10, 10, 8, 1.0),
+          (12, 6, 1, 4.0)]
+
+
+def _close(got, want, rtol=1e-8):
+  """Relative closeness in the max norm (float64 with damping 1e-12)."""
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  assert got.shape == want.shape, (got.shape, want.shape)
+  err = np.max(np.abs(got - want)) if got.size else 0.0
+  assert err <= rtol * max(1.0, np.max(np.abs(want))), f"max error {err:.3e}"
+
+
+def _problem(seed, m, n, r, s):
+  rng = np.random.default_rng(seed)
+  A, B, g = random_pair(rng, m, n, r)
+  gA, gB = ref.lora_gradients(g, A, B, s)
+  return A, B, g, gA, gB
+
+
+# ----------------------------------------------------------------- Theorem 2.1
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("x_choice", X_CHOICES)
+@pytest.mark.parametrize("m,n,r,s", SHAPES)
+def test_theorem_2_1_equivalent_gradient_is_projection(x64, layout, x_choice, m, n, r, s):
+  A, B, g, gA, gB = _problem(m * n + r, m, n, r, s)
+  oA, oB = run_lorapro(A, B, gA, gB, s, layout, x_choice=x_choice)
+  assert oA.dtype == np.float64 and oB.dtype == np.float64
+  g_tilde = ref.equivalent_gradient(oA, oB, A, B, s)
+  _close(g_tilde, ref.projected_gradient(g, A, B))
+  # ... and (g^A, g^B) themselves are the reference's, for this X.
+  rA, rB = ref.lorapro_gradients(gA, gB, A, B, s, x_choice)
+  _close(oA, rA)
+  _close(oB, rB)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("m,n,r,s", [(6, 5, 2, 1.3), (4, 7, 3, 0.8)])
+def test_theorem_2_1_matches_brute_force_least_squares(x64, layout, m, n, r, s):
+  """min over all (g^A, g^B) of ‖s·B·g^A + s·g^B·A - g‖ by lstsq on the vec form."""
+  A, B, g, gA, gB = _problem(1, m, n, r, s)
+  oA, oB = run_lorapro(A, B, gA, gB, s, layout)
+  g_tilde = ref.equivalent_gradient(oA, oB, A, B, s)
+  best = ref.lstsq_equivalent_gradient(g, A, B, s)
+  _close(g_tilde, best)
+  # The projection formula is indeed the least-squares optimum.
+  _close(ref.projected_gradient(g, A, B), best)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("x_choice", X_CHOICES)
+def test_theorem_2_1_perturbations_increase_distance(x64, layout, x_choice):
+  m, n, r, s = 9, 7, 3, 1.5
+  A, B, g, gA, gB = _problem(2, m, n, r, s)
+  oA, oB = run_lorapro(A, B, gA, gB, s, layout, x_choice=x_choice)
+  dist = lambda a, b: np.linalg.norm(ref.equivalent_gradient(a, b, A, B, s) - g)
+  d0 = dist(oA, oB)
+  # Plain LoRA gradients are strictly worse.
+  assert dist(gA, gB) > d0
+  rng = np.random.default_rng(3)
+  for eps in (1e-3, 1e-1, 1.0):
+    for _ in range(5):
+      pA, pB = rng.standard_normal(oA.shape), rng.standard_normal(oB.shape)
+      assert dist(oA + eps * pA, oB + eps * pB) >= d0 * (1 - 1e-12)
+      assert dist(oA + eps * pA, oB) >= d0 * (1 - 1e-12)
+      assert dist(oA, oB + eps * pB) >= d0 * (1 - 1e-12)
+  # Perturbing along (X·A, -B·X) leaves the equivalent gradient unchanged:
+  # that is the free r×r matrix X of Theorem 2.1.
+  X = rng.standard_normal((r, r))
+  _close(ref.equivalent_gradient(oA + X @ A, oB - B @ X, A, B, s),
+         ref.equivalent_gradient(oA, oB, A, B, s))
+
+
+# ----------------------------------------------------------------- Theorem 2.2
+
+
+def _eq13(gA, gB, A, B, s):
+  """The bracket of Eq. (13) (dL = -γ·bracket)."""
+  m = B.shape[0]
+  BtB_inv, AAt_inv = np.linalg.inv(B.T @ B), np.linalg.inv(A @ A.T)
+  P_B = B @ BtB_inv @ B.T
+  t1 = np.sum(gA * (BtB_inv @ gA)) / s**2
+  t2 = np.sum(gB * ((np.eye(m) - P_B) @ gB @ AAt_inv)) / s**2
+  return t1, t2
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("x_choice", X_CHOICES)
+@pytest.mark.parametrize("m,n,r,s", SHAPES[:3])
+def test_theorem_2_2_descent_direction(x64, layout, x_choice, m, n, r, s):
+  A, B, g, gA, gB = _problem(10 + r, m, n, r, s)
+  oA, oB = run_lorapro(A, B, gA, gB, s, layout, x_choice=x_choice)
+  inner = np.sum(gA * oA) + np.sum(gB * oB)
+  t1, t2 = _eq13(gA, gB, A, B, s)
+  assert t1 >= 0 and t2 >= 0
+  assert inner >= 0
+  np.testing.assert_allclose(inner, t1 + t2, rtol=1e-8)
+  # dL/dγ = -<∇L, g'> also equals -<g, g̃> in weight space (Eq. 3 and 6).
+  g_tilde = ref.equivalent_gradient(oA, oB, A, B, s)
+  np.testing.assert_allclose(inner, np.sum(g * g_tilde), rtol=1e-8)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(r=st.integers(1, 4), dm=st.integers(0, 5), dn=st.integers(0, 5),
+       s=st.floats(0.1, 10.0), seed=st.integers(0, 2**31 - 1),
+       x_choice=st.sampled_from(X_CHOICES))
+def test_theorem_2_2_property(x64, r, dm, dn, s, seed, x_choice):
+  m, n = r + dm + 1, r + dn + 1
+  A, B, g, gA, gB = _problem(seed, m, n, r, s)
+  oA, oB = run_lorapro(A, B, gA, gB, s, "flax", x_choice=x_choice)
+  inner = np.sum(gA * oA) + np.sum(gB * oB)
+  t1, t2 = _eq13(gA, gB, A, B, s)
+  assert inner >= -1e-10 * (abs(t1) + abs(t2) + 1)
+  np.testing.assert_allclose(inner, t1 + t2, rtol=1e-6, atol=1e-10)
+  _close(ref.equivalent_gradient(oA, oB, A, B, s), ref.projected_gradient(g, A, B), rtol=1e-6)
+
+
+# ----------------------------------------------------------------- Theorem 2.3
+
+
+def _implied_x(oA, gA, A, B, s):
+  """X with g^A = (1/s²)(BᵀB)⁻¹ g_lora^A + X·A, by least squares Aᵀ·Xᵀ = Rᵀ."""
+  R = oA - np.linalg.inv(B.T @ B) @ gA / s**2
+  Xt, *_ = np.linalg.lstsq(A.T, R.T, rcond=None)
+  return Xt.T
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("m,n,r,s", SHAPES)
+def test_theorem_2_3_sylvester(x64, layout, m, n, r, s):
+  A, B, g, gA, gB = _problem(20 + m, m, n, r, s)
+  oA, oB = run_lorapro(A, B, gA, gB, s, layout, x_choice="sylvester")
+  X = _implied_x(oA, gA, A, B, s)
+  # The output really has the form of Eq. (8) with this X (A has full row rank).
+  _close(X @ A, oA - np.linalg.inv(B.T @ B) @ gA / s**2)
+  # Eq. (15) residual.
+  BtB, AAt = B.T @ B, A @ A.T
+  C = -np.linalg.inv(BtB) @ gA @ A.T / s**2
+  resid = BtB @ X + X @ AAt - C
+  assert np.max(np.abs(resid)) <= 1e-8 * (np.max(np.abs(C)) + np.max(np.abs(BtB @ X)))
+  # X agrees with the Kronecker-form solve and the brute-force minimiser of (14).
+  _close(X, ref.x_sylvester(gA, A, B, s))
+  _close(X, ref.lstsq_x_closest(gA, gB, A, B, s))
+  # Stationarity of (14) in X: (g^A - g_lora^A)Aᵀ = Bᵀ(g^B - g_lora^B) (Eq. 54) ...
+  _close((oA - gA) @ A.T, B.T @ (oB - gB))
+  # ... and since g_lora^A·Aᵀ = s·Bᵀ·g·Aᵀ = Bᵀ·g_lora^B, also g^A·Aᵀ = Bᵀ·g^B.
+  _close(gA @ A.T, B.T @ gB)
+  _close(oA @ A.T, B.T @ oB)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("m,n,r,s", SHAPES[:3])
+def test_theorem_2_3_sylvester_is_closest(x64, layout, m, n, r, s):
+  A, B, g, gA, gB = _problem(30 + n, m, n, r, s)
+  dist = {}
+  for xc in X_CHOICES:
+    oA, oB = run_lorapro(A, B, gA, gB, s, layout, x_choice=xc)
+    dist[xc] = np.linalg.norm(oA - gA) ** 2 + np.linalg.norm(oB - gB) ** 2
+  assert dist["sylvester"] < dist["zero"]
+  assert dist["sylvester"] < dist["symmetric"]
+  # And no other X does better.
+  oA, oB = run_lorapro(A, B, gA, gB, s, layout, x_choice="sylvester")
+  rng = np.random.default_rng(0)
+  for _ in range(5):
+    X = 1e-2 * rng.standard_normal((r, r))
+    d = np.linalg.norm(oA + X @ A - gA) ** 2 + np.linalg.norm(oB - B @ X - gB) ** 2
+    assert d > dist["sylvester"]
+
+
+# ----------------------------------------------------------------- Eq. (16)
+
+
+def test_printed_eq16_is_not_an_r_by_r_matrix():
+  """Printed Eq. (16), X = -(1/2s)·B(BᵀB)⁻¹Bᵀ·g·A(AᵀA)⁻¹A, does not conform
+  (g·A needs n = r); read with the evident Aᵀ(AAᵀ)⁻¹A it is m×n, not r×r."""
+  m, n, r, s = 7, 5, 2, 1.5
+  A, B, g, gA, gB = _problem(40, m, n, r, s)
+  P_B = B @ np.linalg.inv(B.T @ B) @ B.T
+  with pytest.raises(ValueError):
+    _ = P_B @ g @ A  # (m×n)·(r×n): the printed product is undefined
+  # AᵀA (n×n) has rank r < n: the printed inverse does not exist either.
+  assert np.linalg.matrix_rank(A.T @ A) == r < n
+  printed = ref.printed_eq16(g, A, B, s)
+  assert printed.shape == (m, n) != (r, r)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("m,n,r,s", SHAPES)
+def test_symmetric_x_is_the_corrected_eq16(x64, layout, m, n, r, s):
+  """The r×r X that balances g^B·A against B·g^A in least squares is
+  -(1/(2s²))(BᵀB)⁻¹Bᵀ g_lora^B (AAᵀ)⁻¹, and B·X·A is the printed m×n Eq. (16)."""
+  A, B, g, gA, gB = _problem(50 + r, m, n, r, s)
+  oA, oB = run_lorapro(A, B, gA, gB, s, layout, x_choice="symmetric")
+  X = _implied_x(oA, gA, A, B, s)
+  assert X.shape == (r, r)
+  _close(X, ref.x_symmetric(gB, A, B, s))
+  _close(X, ref.lstsq_x_balanced(gA, gB, A, B, s))
+  _close(B @ X @ A, ref.printed_eq16(g, A, B, s))
+  # It minimises ‖g^B·A - B·g^A‖ among the three choices (and any perturbation).
+  imbalance = lambda a, b: np.linalg.norm(b @ A - B @ a)
+  best = imbalance(oA, oB)
+  for xc in ("sylvester", "zero"):
+    assert imbalance(*run_lorapro(A, B, gA, gB, s, layout, x_choice=xc)) >= best * (1 - 1e-10)
+  rng = np.random.default_rng(1)
+  for _ in range(5):
+    Y = 1e-2 * rng.standard_normal((r, r))
+    assert imbalance(oA + Y @ A, oB - B @ Y) > best
+
+
+# ------------------------------------------------------------- B = 0 and edges
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("x_choice", X_CHOICES)
+def test_b_zero_first_step_float64(x64, layout, x_choice):
+  m, n, r, s = 8, 6, 3, 2.0
+  A, _, g, _, _ = _problem(60, m, n, r, s)
+  B = np.zeros((m, r))
+  gA, gB = ref.lora_gradients(g, A, B, s)
+  oA, oB = run_lorapro(A, B, gA, gB, s, layout, x_choice=x_choice)
+  np.testing.assert_array_equal(oA, 0)
+  _close(oB, gB @ np.linalg.inv(A @ A.T) / s**2)
+  # The equivalent gradient is then g·P_A, the theorem's projection with P_B = 0.
+  _close(ref.equivalent_gradient(oA, oB, A, B, s), ref.projected_gradient(g, A, B))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("x_choice", X_CHOICES)
+def test_b_zero_first_step_float32_default_damping(layout, x_choice):
+  m, n, r, s = 16, 12, 4, 2.0
+  A, _, g, _, _ = _problem(61, m, n, r, s)
+  B = np.zeros((m, r))
+  gA, gB = ref.lora_gradients(g, A, B, s)
+  oA, oB = run_lorapro(A.astype(np.float32), B.astype(np.float32), gA.astype(np.float32),
+                       gB.astype(np.float32), s, layout, damping=lpj.DEFAULT_DAMPING,
+                       x_choice=x_choice)
+  assert oA.dtype == np.float32
+  np.testing.assert_array_equal(oA, 0)
+  want = gB @ np.linalg.inv(A @ A.T) / s**2
+  np.testing.assert_allclose(oB, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def _finite_cases(rng, m=9, n=7, r=3):
+  A = rng.standard_normal((r, n))
+  B = rng.standard_normal((m, r))
+  A_def = A.copy()
+  A_def[-1] = A_def[0]  # rank r - 1
+  B_def = B.copy()
+  B_def[:, 1] = 0.0  # rank r - 1
+  return {
+      "zero_A_and_B": (np.zeros_like(A), np.zeros_like(B)),
+      "zero_A": (np.zeros_like(A), B),
+      "rank_deficient_A": (A_def, B),
+      "rank_deficient_B": (A, B_def),
+      "rank_one_both": (np.outer(np.ones(r), A[0]), np.outer(B[:, 0], np.ones(r))),
+      "tiny": (1e-20 * A, 1e-20 * B),
+      "huge": (1e20 * A, 1e20 * B),
+      "tiny_A_huge_B": (1e-20 * A, 1e20 * B),
+      "huge_A_tiny_B": (1e20 * A, 1e-20 * B),
+  }
+
+
+@pytest.mark.parametrize("case", list(_finite_cases(np.random.default_rng(0))))
+@pytest.mark.parametrize("x_choice", X_CHOICES)
+def test_degenerate_and_extreme_factors_are_finite_float32(case, x_choice):
+  rng = np.random.default_rng(70)
+  A, B = _finite_cases(rng)[case]
+  g = rng.standard_normal((B.shape[0], A.shape[1]))
+  s = 2.0
+  gA, gB = ref.lora_gradients(g, A, B, s)
+  args = [x.astype(np.float32) for x in (A, B, gA, gB)]
+  for layout in LAYOUTS:
+    oA, oB = run_lorapro(*args, s, layout, damping=lpj.DEFAULT_DAMPING, x_choice=x_choice)
+    assert oA.dtype == np.float32 and oB.dtype == np.float32
+    assert np.all(np.isfinite(oA)) and np.all(np.isfinite(oB)), case
+
+
+@pytest.mark.parametrize("scale_exp", [-20, 20])
+def test_extreme_scales_still_solve_theorem_2_1_float32(scale_exp):
+  """Scale normalisation: A, B of magnitude 1e±20 in float32 give the same
+  equivalent gradient (relative to its size) as O(1) factors would."""
+  m, n, r, s = 10, 8, 3, 1.0
+  A, B, g, _, _ = _problem(80, m, n, r, s)
+  c = 10.0**scale_exp
+  A_c, B_c = c * A, c * B
+  gA, gB = ref.lora_gradients(g, A_c, B_c, s)
+  oA, oB = run_lorapro(*(x.astype(np.float32) for x in (A_c, B_c, gA, gB)), s, "flax",
+                       damping=lpj.DEFAULT_DAMPING)
+  assert np.all(np.isfinite(oA)) and np.all(np.isfinite(oB))
+  g_tilde = ref.equivalent_gradient(oA.astype(np.float64), oB.astype(np.float64), A_c, B_c, s)
+  want = ref.projected_gradient(g, A, B)
+  np.testing.assert_allclose(g_tilde, want, atol=1e-3 * np.abs(want).max())
+
+
+# ------------------------------------------------------------- diagnostics
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_equivalent_gradients_diagnostic(x64, layout):
+  m, n, r, s = 7, 6, 2, 1.25
+  rng = np.random.default_rng(90)
+  A, B, _ = random_pair(rng, m, n, r)
+  gA, gB = rng.standard_normal((r, n)), rng.standard_normal((m, r))  # arbitrary updates
+  params = jax.tree.map(jnp.asarray, pair_tree(A, B, layout))
+  updates = jax.tree.map(jnp.asarray, pair_tree(gA, gB, layout))
+  out = lpj.equivalent_gradients(params, updates, scale=s, pairs=pairs_arg(layout))
+  assert set(out) == {("layer",)}
+  want = s * B @ gA + s * gB @ A  # (m, n)
+  want = want.T if layout == "flax" else want  # laid out like the adapted weight
+  chex.assert_shape(out[("layer",)], want.shape)
+  assert out[("layer",)].dtype == jnp.float64
+  _close(out[("layer",)], want, rtol=1e-12)
+
+
+def test_equivalent_gradients_diagnostic_stacked_and_scale_callable(x64):
+  L, m, n, r = 3, 5, 4, 2
+  rng = np.random.default_rng(91)
+  a = rng.standard_normal((L, n, r))
+  b = rng.standard_normal((L, r, m))
+  ga = rng.standard_normal((L, n, r))
+  gb = rng.standard_normal((L, r, m))
+  params = {"blocks": {"lora_a": jnp.asarray(a), "lora_b": jnp.asarray(b)}}
+  updates = {"blocks": {"lora_a": jnp.asarray(ga), "lora_b": jnp.asarray(gb)}}
+  scale = lambda path, rank: 3.0 / rank
+  out = lpj.equivalent_gradients(params, updates, scale=scale)[("blocks",)]
+  chex.assert_shape(out, (L, n, m))
+  for i in range(L):
+    want = 1.5 * (b[i].T @ ga[i].T + gb[i].T @ a[i].T)  # paper: s(B gA + gB A), m×n
+    _close(out[i], want.T, rtol=1e-12)
