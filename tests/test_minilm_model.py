@@ -76,8 +76,9 @@ def test_lora_linear_forward_and_params():
     assert lin.lora_a[...].shape == (5, 2) and lin.lora_b[...].shape == (2, 3)
     assert not isinstance(lin.base.kernel, nnx.LoRAParam)
     assert np.all(np.asarray(lin.lora_b[...]) == 0)  # adapter starts as a no-op
-    lin.lora_b[...] = jax.random.normal(jax.random.key(1), (2, 3))
-    x = jax.random.normal(jax.random.key(2), (4, 5))
+    rng = np.random.default_rng(0)
+    lin.lora_b[...] = jnp.asarray(rng.normal(size=(2, 3)), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(4, 5)), jnp.float32)
     want = x @ lin.base.kernel[...] + lin.base.bias[...] + 1.5 * (x @ lin.lora_a[...] @ lin.lora_b[...])
     np.testing.assert_allclose(lin(x), want, rtol=1e-5, atol=1e-6)
 

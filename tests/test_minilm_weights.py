@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for `examples.mi
 pytest.importorskip("safetensors", reason="needs safetensors")
 pytest.importorskip("tokenizers", reason="needs tokenizers")
 
+import jax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from examples.minilm import weights as W  # noqa: E402
@@ -28,8 +29,15 @@ ATOL = 1e-5
 
 
 @nnx.jit
-def fwd(model, ids, mask, type_ids):
+def _fwd(model, ids, mask, type_ids):
     return model(ids, mask, type_ids), model.pooled_unnormalized(ids, mask, type_ids)
+
+
+def fwd(model, ids, mask, type_ids):
+    # CPU is already exact float32; on GPU/TPU the default matmul precision
+    # (TF32/bf16 passes) would not meet a 1e-5 tolerance.
+    with jax.default_matmul_precision("highest"):
+        return _fwd(model, ids, mask, type_ids)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +91,8 @@ def test_published_sentence_transformers_similarities(model):
     # Quickstart of the sentence-transformers README, which uses this model;
     # values printed there to 4 decimals.
     texts = ["The weather is lovely today.", "It's so sunny outside!", "He drove to the stadium."]
-    emb = W.embed_texts(model, texts, max_len=16, batch_size=4)
+    with jax.default_matmul_precision("highest"):
+        emb = W.embed_texts(model, texts, max_len=16, batch_size=4)
     sims = emb @ emb.T
     np.testing.assert_allclose([sims[0, 1], sims[0, 2], sims[1, 2]], [0.6660, 0.1046, 0.1411], atol=1e-4)
 
