@@ -1,0 +1,234 @@
+"""Finding LoRA pairs: name presets, multi-key specs, callables, per-layer scales,
+Flax NNX state paths, and the validation errors of `find_pairs`."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lorapro_jax as lpj
+import reference as ref
+from conftest import TINY_DAMPING, random_pair
+
+
+def _flax_pair(rng, n, r, m):
+  return rng.standard_normal((n, r)), rng.standard_normal((r, m))
+
+
+def _ref_flax(a, b, ga, gb, s, x_choice="sylvester"):
+  """Reference adjusted gradients of a flax-layout pair, in the flax layout."""
+  oA, oB = ref.lorapro_gradients(ga.T, gb.T, a.T, b.T, s, x_choice)
+  return oA.T, oB.T
+
+
+def _close(got, want, rtol=1e-8):
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  assert got.shape == want.shape, (got.shape, want.shape)
+  assert np.max(np.abs(got - want)) <= rtol * max(1.0, np.max(np.abs(want)))
+
+
+def _update(tx, grads, params):
+  grads = jax.tree.map(jnp.asarray, grads)
+  params = jax.tree.map(jnp.asarray, params)
+  return tx.update(grads, tx.init(params), params)[0]
+
+
+def test_qwix_preset(x64, rng):
+  a, b = _flax_pair(rng, 6, 2, 5)
+  ga, gb = _flax_pair(rng, 6, 2, 5)
+  params = {"dense": {"kernel": np.zeros((6, 5)), "kernel_lora_a": a, "kernel_lora_b": b}}
+  grads = {"dense": {"kernel": np.ones((6, 5)), "kernel_lora_a": ga, "kernel_lora_b": gb}}
+  u = _update(lpj.lorapro(1.5, damping=TINY_DAMPING, pairs=lpj.QWIX), grads, params)
+  wa, wb = _ref_flax(a, b, ga, gb, 1.5)
+  _close(u["dense"]["kernel_lora_a"], wa)
+  _close(u["dense"]["kernel_lora_b"], wb)
+  np.testing.assert_array_equal(u["dense"]["kernel"], 1.0)
+  # The default spec (FLAX_NNX) does not match Qwix names: everything passes through.
+  u0 = _update(lpj.lorapro(1.5), grads, params)
+  chex.assert_trees_all_equal(u0, jax.tree.map(jnp.asarray, grads))
+
+
+def test_peft_preset_paper_layout(x64, rng):
+  m, n, r, s = 5, 6, 2, 2.0
+  A, B, g = random_pair(rng, m, n, r)
+  gA, gB = ref.lora_gradients(g, A, B, s)
+  params = {"q_proj": {"lora_A": A, "lora_B": B, "base_layer": np.zeros((m, n))}}
+  grads = {"q_proj": {"lora_A": gA, "lora_B": gB, "base_layer": np.ones((m, n))}}
+  u = _update(lpj.lorapro(s, damping=TINY_DAMPING, pairs=lpj.PEFT), grads, params)
+  wA, wB = ref.lorapro_gradients(gA, gB, A, B, s)
+  chex.assert_shape(u["q_proj"]["lora_A"], (r, n))
+  chex.assert_shape(u["q_proj"]["lora_B"], (m, r))
+  _close(u["q_proj"]["lora_A"], wA)
+  _close(u["q_proj"]["lora_B"], wB)
+
+
+def test_multi_key_suffix_spec(x64, rng):
+  m, n, r, s = 5, 6, 2, 2.0
+  A, B, g = random_pair(rng, m, n, r)
+  gA, gB = ref.lora_gradients(g, A, B, s)
+  spec = lpj.LoRASpec("lora_A/weight", "lora_B/weight", "paper")
+  params = {"enc": {"q": {"lora_A": {"weight": A}, "lora_B": {"weight": B},
+                          "base": {"weight": np.zeros((m, n))}}}}
+  grads = {"enc": {"q": {"lora_A": {"weight": gA}, "lora_B": {"weight": gB},
+                         "base": {"weight": np.ones((m, n))}}}}
+  found = lpj.find_pairs(params, spec)
+  assert len(found) == 1
+  f = found[0]
+  assert f.path == ("enc", "q")
+  assert f.a_path == ("enc", "q", "lora_A", "weight")
+  assert (f.m, f.n, f.r, f.layout, f.batch_shape) == (m, n, r, "paper", ())
+  u = _update(lpj.lorapro(s, damping=TINY_DAMPING, pairs=spec), grads, params)
+  wA, wB = ref.lorapro_gradients(gA, gB, A, B, s)
+  _close(u["enc"]["q"]["lora_A"]["weight"], wA)
+  _close(u["enc"]["q"]["lora_B"]["weight"], wB)
+  np.testing.assert_array_equal(u["enc"]["q"]["base"]["weight"], 1.0)
+  # A lone multi-key leaf is reported with its full path.
+  del params["enc"]["q"]["lora_B"]
+  with pytest.raises(ValueError, match=r"enc/q/lora_A/weight \(2, 6\) has no partner "
+                                       r"enc/q/lora_B/weight"):
+    lpj.find_pairs(params, spec)
+
+
+def test_callable_pairs(x64, rng):
+  """Any arrangement: a callable returning LoRAPair (or plain tuples)."""
+  a, b = _flax_pair(rng, 6, 2, 5)
+  ga, gb = _flax_pair(rng, 6, 2, 5)
+  A2, B2, g2 = random_pair(rng, 4, 7, 3)
+  gA2, gB2 = ref.lora_gradients(g2, A2, B2, 0.5)
+  params = {"mlp": {"down": a, "up": b}, "attn": [{"left": B2, "right": A2}]}
+  grads = {"mlp": {"down": ga, "up": gb}, "attn": [{"left": gB2, "right": gA2}]}
+
+  def pairs(p):
+    yield lpj.LoRAPair(("mlp", "down"), ("mlp", "up"))  # flax layout is the default
+    yield (("attn", 0, "right"), ("attn", 0, "left"), "paper")  # a plain tuple
+
+  scale = lambda path, rank: {("mlp",): 1.5, ("attn", 0): 0.5}[path]
+  found = lpj.find_pairs(params, pairs)
+  assert [(f.m, f.n, f.r, f.layout) for f in found] == [(5, 6, 2, "flax"), (4, 7, 3, "paper")]
+  u = _update(lpj.lorapro(scale, damping=TINY_DAMPING, pairs=pairs), grads, params)
+  wa, wb = _ref_flax(a, b, ga, gb, 1.5)
+  _close(u["mlp"]["down"], wa)
+  _close(u["mlp"]["up"], wb)
+  wA2, wB2 = ref.lorapro_gradients(gA2, gB2, A2, B2, 0.5)
+  _close(u["attn"][0]["right"], wA2)
+  _close(u["attn"][0]["left"], wB2)
+
+
+def test_callable_pairs_leaf_in_two_pairs_raises(rng):
+  a, b = _flax_pair(rng, 6, 2, 5)
+  params = {"l": {"a": a, "b": b, "c": b}}
+  pairs = lambda p: [lpj.LoRAPair(("l", "a"), ("l", "b")), lpj.LoRAPair(("l", "a"), ("l", "c"))]
+  with pytest.raises(ValueError, match=r"Leaf l/a belongs to two LoRA pairs"):
+    lpj.find_pairs(params, pairs)
+
+
+def test_per_layer_scale_callable_with_different_ranks(x64, rng):
+  shapes = {"q": (6, 2, 5), "k": (6, 4, 5), "v": (8, 1, 3)}
+  params = {k: dict(zip(("lora_a", "lora_b"), _flax_pair(rng, *v))) for k, v in shapes.items()}
+  grads = {k: dict(zip(("lora_a", "lora_b"), _flax_pair(rng, *v))) for k, v in shapes.items()}
+  calls = []
+
+  def scale(path, rank):
+    calls.append((path, rank))
+    return 8.0 / rank  # LoRA's alpha / r with alpha = 8
+
+  u = _update(lpj.lorapro(scale, damping=TINY_DAMPING), grads, params)
+  assert sorted(calls) == sorted([((k,), v[1]) for k, v in shapes.items()])
+  for k, (n, r, m) in shapes.items():
+    wa, wb = _ref_flax(params[k]["lora_a"], params[k]["lora_b"], grads[k]["lora_a"],
+                       grads[k]["lora_b"], 8.0 / r)
+    _close(u[k]["lora_a"], wa)
+    _close(u[k]["lora_b"], wb)
+
+
+def test_scale_array_broadcasts_over_batch_axes(x64, rng):
+  L, n, r, m = 3, 6, 2, 5
+  a, b = rng.standard_normal((L, n, r)), rng.standard_normal((L, r, m))
+  ga, gb = rng.standard_normal((L, n, r)), rng.standard_normal((L, r, m))
+  s = np.array([0.5, 1.0, 4.0])
+  u = _update(lpj.lorapro(jnp.asarray(s), damping=TINY_DAMPING),
+              {"l": {"lora_a": ga, "lora_b": gb}}, {"l": {"lora_a": a, "lora_b": b}})
+  for i in range(L):
+    wa, wb = _ref_flax(a[i], b[i], ga[i], gb[i], s[i])
+    _close(u["l"]["lora_a"][i], wa)
+    _close(u["l"]["lora_b"][i], wb)
+  with pytest.raises(ValueError, match=r"scale for LoRA pair l has shape \(2,\).*\(3,\)"):
+    _update(lpj.lorapro(jnp.ones(2)), {"l": {"lora_a": ga, "lora_b": gb}},
+            {"l": {"lora_a": a, "lora_b": b}})
+
+
+def test_several_specs_in_one_tree(x64, rng):
+  a1, b1 = _flax_pair(rng, 6, 2, 5)
+  a2, b2 = _flax_pair(rng, 4, 3, 7)
+  A3, B3, _ = random_pair(rng, 3, 5, 2)
+  params = {"x": {"lora_a": a1, "lora_b": b1}, "y": {"kernel_lora_a": a2, "kernel_lora_b": b2},
+            "z": {"lora_A": A3, "lora_B": B3}}
+  found = lpj.find_pairs(params, (lpj.FLAX_NNX, lpj.QWIX, lpj.PEFT))
+  assert sorted((f.path, f.layout, f.m, f.n, f.r) for f in found) == [
+      (("x",), "flax", 5, 6, 2), (("y",), "flax", 7, 4, 3), (("z",), "paper", 3, 5, 2)]
+  grads = jax.tree.map(lambda p: rng.standard_normal(p.shape), params)
+  u = _update(lpj.lorapro(2.0, damping=TINY_DAMPING, pairs=(lpj.FLAX_NNX, lpj.QWIX, lpj.PEFT)),
+              grads, params)
+  wa, wb = _ref_flax(a2, b2, grads["y"]["kernel_lora_a"], grads["y"]["kernel_lora_b"], 2.0)
+  _close(u["y"]["kernel_lora_a"], wa)
+  _close(u["y"]["kernel_lora_b"], wb)
+  wA, wB = ref.lorapro_gradients(grads["z"]["lora_A"], grads["z"]["lora_B"], A3, B3, 2.0)
+  _close(u["z"]["lora_A"], wA)
+  _close(u["z"]["lora_B"], wB)
+
+
+def test_list_indices_and_lone_b_leaf():
+  params = {"layers": [{"lora_a": jnp.ones((4, 2)), "lora_b": jnp.ones((2, 3))},
+                       {"lora_b": jnp.ones((2, 3))}]}
+  with pytest.raises(ValueError, match=r"layers/1/lora_b \(2, 3\) has no partner layers/1/lora_a"):
+    lpj.find_pairs(params)
+  params["layers"][1]["lora_a"] = jnp.ones((4, 2))
+  assert [f.path for f in lpj.find_pairs(params)] == [("layers", 0), ("layers", 1)]
+
+
+def test_zero_sized_dimension_raises():
+  params = {"l": {"lora_a": jnp.ones((4, 0)), "lora_b": jnp.ones((0, 3))}}
+  with pytest.raises(ValueError, match=r"l/lora_a \(4, 0\).*zero-sized"):
+    lpj.find_pairs(params)
+
+
+def test_bad_pairs_argument_raises():
+  with pytest.raises(TypeError, match="LoRASpec"):
+    lpj.find_pairs({"w": jnp.ones(2)}, ["lora_a"])
+
+
+def test_nnx_state_paths():
+  """nnx.state (with Variables) and nnx.as_pure give the same pairs, paths
+  without the Variable's trailing 'value'."""
+  from flax import nnx
+
+  class Model(nnx.Module):
+    def __init__(self, rngs):
+      self.layers = nnx.List([nnx.LoRALinear(4, 3, lora_rank=2, rngs=rngs),
+                              nnx.LoRALinear(3, 5, lora_rank=1, rngs=rngs)])
+      self.wrapped = nnx.LoRA(4, 2, 6, base_module=nnx.Linear(4, 6, rngs=rngs), rngs=rngs)
+
+  model = Model(nnx.Rngs(0))
+  state = nnx.state(model, nnx.LoRAParam)
+  want = [(("layers", 0, "lora"), 3, 4, 2), (("layers", 1, "lora"), 5, 3, 1),
+          (("wrapped",), 6, 4, 2)]
+  for tree in (state, nnx.as_pure(state)):
+    assert [(f.path, f.m, f.n, f.r) for f in lpj.find_pairs(tree)] == want
+  # The whole model state also holds the frozen kernels and biases: still 3 pairs.
+  assert len(lpj.find_pairs(nnx.state(model))) == 3
+
+
+def test_equivalent_gradients_one_entry_per_pair_with_callable(x64, rng):
+  """Two pairs under one parent (possible with a callable) must not collide in
+  the diagnostic's output."""
+  a1, b1 = _flax_pair(rng, 6, 2, 5)
+  a2, b2 = _flax_pair(rng, 6, 3, 5)
+  params = {"l": {"a1": a1, "b1": b1, "a2": a2, "b2": b2}}
+  updates = jax.tree.map(lambda p: rng.standard_normal(p.shape), params)
+  pairs = lambda p: [lpj.LoRAPair(("l", "a1"), ("l", "b1")), lpj.LoRAPair(("l", "a2"), ("l", "b2"))]
+  out = lpj.equivalent_gradients(jax.tree.map(jnp.asarray, params),
+                                 jax.tree.map(jnp.asarray, updates), pairs=pairs)
+  assert len(out) == 2, f"one entry per pair expected, got keys {list(out)}"
