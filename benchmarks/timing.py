@@ -1,0 +1,147 @@
+"""Timing and memory helpers shared by every benchmark section.
+
+Every measured function is jitted, compiled ahead of time (compile time is
+recorded separately), warmed up, then called repeatedly with
+``jax.block_until_ready`` on all of its outputs. Several variants of one
+configuration are measured *interleaved* (round-robin over rounds) so that
+slow drifts of a shared, noisy machine hit all of them alike, and the ratios
+printed come from the same rounds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import numpy as np
+
+
+# XLA options for every Runner compile; --smoke sets a fast, unoptimised build.
+COMPILER_OPTIONS: dict = {}
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def device_info() -> dict:
+  """What the numbers were measured on."""
+  d = jax.devices()[0]
+  return {
+      "platform": d.platform,
+      "device_kind": d.device_kind,
+      "device_count": jax.device_count(),
+      "cpu_count": os.cpu_count(),
+      "jax": jax.__version__,
+      "machine": platform.machine(),
+      "processor": platform.processor() or platform.machine(),
+      "label": f"{d.device_kind} ({d.platform}, {jax.device_count()} device(s), "
+               f"{os.cpu_count()} CPU cores)",
+  }
+
+
+def tree_bytes(tree) -> int:
+  """Exact bytes of the array leaves of a pytree (``optax.MaskedNode`` has none)."""
+  return int(sum(np.prod(x.shape, dtype=np.int64) * np.dtype(x.dtype).itemsize
+                 for x in jax.tree.leaves(tree) if hasattr(x, "shape") and hasattr(x, "dtype")))
+
+
+def memory_stats(compiled) -> dict:
+  """XLA's memory analysis of a compiled executable (bytes; None where unknown)."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # some backends do not implement it
+    m = None
+  keys = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes",
+          "alias_size_in_bytes", "generated_code_size_in_bytes")
+  if m is None:
+    return {k: None for k in keys}
+  return {k: int(getattr(m, k, 0) or 0) for k in keys}
+
+
+@dataclasses.dataclass
+class Runner:
+  """One jitted step with its arguments.
+
+  ``fn(*args)`` returns ``(outputs, new_state)`` when ``state_index`` is set:
+  the argument at ``state_index`` is donated and replaced by ``new_state``
+  after every call, as a real train step does. Otherwise ``fn(*args)`` returns
+  anything and all arguments are kept.
+  """
+  name: str
+  fn: Callable
+  args: list
+  state_index: Optional[int] = None
+  compiled: Any = None
+  compile_s: float = float("nan")
+  times: list = dataclasses.field(default_factory=list)
+
+  def compile(self, donate: bool = True):
+    donate_argnums = (self.state_index,) if (donate and self.state_index is not None) else ()
+    t0 = time.perf_counter()
+    self.compiled = jax.jit(self.fn, donate_argnums=donate_argnums).lower(*self.args).compile(
+        compiler_options=COMPILER_OPTIONS or None)
+    self.compile_s = time.perf_counter() - t0
+    return self
+
+  def call(self) -> float:
+    t0 = time.perf_counter()
+    out = self.compiled(*self.args)
+    jax.block_until_ready(out)
+    dt = time.perf_counter() - t0
+    if self.state_index is not None:
+      self.args[self.state_index] = out[1]
+    return dt
+
+
+@dataclasses.dataclass
+class PyRunner:
+  """A Python-level step (e.g. a loop of jitted per-layer calls)."""
+  name: str
+  step: Callable[[], Any]  # runs one step, returns what to block on
+  compile_s: float = float("nan")
+  times: list = dataclasses.field(default_factory=list)
+  compiled: Any = None
+
+  def compile(self, donate: bool = True):
+    del donate
+    t0 = time.perf_counter()
+    jax.block_until_ready(self.step())  # first call traces and compiles
+    self.compile_s = time.perf_counter() - t0
+    return self
+
+  def call(self) -> float:
+    t0 = time.perf_counter()
+    jax.block_until_ready(self.step())
+    return time.perf_counter() - t0
+
+
+def summarise(times: Sequence[float]) -> dict:
+  t = np.asarray(times) * 1e3
+  return {"median_ms": float(np.median(t)), "p25_ms": float(np.percentile(t, 25)),
+          "p75_ms": float(np.percentile(t, 75)), "min_ms": float(np.min(t)), "n": int(t.size)}
+
+
+def measure(runners: Sequence, *, warmup: int = 2, rounds: int = 5,
+            target_s: float = 1.0, max_reps: int = 50, min_reps: int = 3) -> dict:
+  """Median time of each runner, measured interleaved.
+
+  After ``warmup`` calls each, the number of repetitions is chosen so that a
+  runner spends about ``target_s`` seconds (between ``min_reps`` and
+  ``max_reps``), then the repetitions run in ``rounds`` round-robin rounds.
+  Returns ``{name: summarise(times)}``.
+  """
+  est = {}
+  for r in runners:
+    for _ in range(max(warmup, 1)):
+      est[r.name] = r.call()
+  reps = {r.name: int(np.clip(target_s / max(est[r.name], 1e-6), min_reps, max_reps))
+          for r in runners}
+  rounds = max(1, min(rounds, min(reps.values())))
+  for k in range(rounds):
+    for r in runners:
+      n = reps[r.name] // rounds + (1 if k < reps[r.name] % rounds else 0)
+      for _ in range(n):
+        r.times.append(r.call())
+  return {r.name: summarise(r.times) for r in runners}
