@@ -21,7 +21,8 @@ def equivalent_gradients(params, updates, scale=1.0, pairs: pairs_lib.PairsArg =
     pairs: as in `lorapro`.
 
   Returns:
-    A dict from each pair's parent path (a tuple of keys) to its equivalent
+    A dict from each pair's parent path (a tuple of keys; the A leaf's path
+    when a ``pairs`` callable put two pairs under one parent) to its equivalent
     gradient, laid out like the adapted weight: ``(..., in, out)`` for the flax
     layout (the kernel's layout) and ``(..., out, in)`` for the paper layout.
   """
@@ -30,7 +31,9 @@ def equivalent_gradients(params, updates, scale=1.0, pairs: pairs_lib.PairsArg =
   p_leaves = jax.tree.leaves(params)
   u_leaves = jax.tree.leaves(updates)
   out = {}
-  for f in pairs_lib.find_pairs(params, pairs):
+  found = pairs_lib.find_pairs(params, pairs)
+  parents = [f.path for f in found]
+  for f in found:
     arrs = [p_leaves[f.a_index], p_leaves[f.b_index], u_leaves[f.a_index], u_leaves[f.b_index]]
     dt = batched.compute_dtype(*arrs)
     A, B, gA, gB = (pairs_lib.to_paper(x, f.layout).astype(dt) for x in arrs)
@@ -39,5 +42,6 @@ def equivalent_gradients(params, updates, scale=1.0, pairs: pairs_lib.PairsArg =
     g = jax.vmap(eq.equivalent_gradient)(gA.reshape(shape_a), gB.reshape(shape_b),
                                          A.reshape(shape_a), B.reshape(shape_b), s)
     g = g.reshape(f.batch_shape + (f.m, f.n))
-    out[f.path] = pairs_lib.from_paper(g, f.layout)
+    key = f.path if parents.count(f.path) == 1 else f.a_path
+    out[key] = pairs_lib.from_paper(g, f.layout)
   return out

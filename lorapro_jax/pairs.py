@@ -55,7 +55,7 @@ class FoundPair:
   """A validated pair: leaf indices in the flattened tree and its dimensions."""
   a_index: int
   b_index: int
-  path: Path  # the parent path, shared by both leaves for name-based specs
+  path: Path  # the parent of the A leaf (and of B, for name-based specs)
   a_path: Path
   b_path: Path
   layout: Layout

@@ -30,7 +30,7 @@ class ScaleByLoraProFullState(NamedTuple):
     mu: first moments. Same tree as the parameters; the slot of each pair's A
       leaf holds the moment of its m×n equivalent gradient, laid out like the
       adapted weight (``(..., in, out)`` for the flax layout, ``(..., out, in)``
-      for the paper layout); the slot of its B leaf is an ``optax.MaskedNode``.
+      for the paper layout); the slot of its B leaf is a `PairedSlot`.
       Other leaves hold ordinary Adam moments.
     nu: second moments, laid out like ``mu``.
   """
@@ -39,8 +39,14 @@ class ScaleByLoraProFullState(NamedTuple):
   nu: optax.Params
 
 
-def _is_masked(x):
-  return isinstance(x, optax.MaskedNode)
+class PairedSlot(NamedTuple):
+  """Placeholder in the full-mode moments at a pair's B leaf (its A slot holds
+  the pair's m×n moment). Distinct from ``optax.MaskedNode``, which
+  ``optax.masked`` uses for leaves outside the mask."""
+
+
+def _is_slot(x):
+  return isinstance(x, PairedSlot)
 
 
 def _saturating_cast(x, dtype):
@@ -145,6 +151,71 @@ def _moment_shape(f: pairs_lib.FoundPair):
   return f.batch_shape + ((f.n, f.m) if f.layout == "flax" else (f.m, f.n))
 
 
+def _moment_sharding(f: pairs_lib.FoundPair, a, b):
+  """The sharding of a pair's m×n moment, from those of its A and B leaves.
+
+  Out features follow B, batch axes B (else A), in features A, in that order
+  of priority: a mesh axis already used is not used again (FSDP splits A and B
+  over the same mesh axis; the moment is then split over out features, as
+  the equivalent gradient ``B @ A`` is computed). None unless both leaves
+  carry a `jax.sharding.NamedSharding` on the same mesh.
+  """
+  sa, sb = getattr(a, "sharding", None), getattr(b, "sharding", None)
+  if not (isinstance(sa, jax.sharding.NamedSharding) and isinstance(sb, jax.sharding.NamedSharding)
+          and sa.mesh == sb.mesh):
+    return None
+  nd = len(f.batch_shape) + 2
+  pa, pb = (tuple(s.spec) + (None,) * (nd - len(s.spec)) for s in (sa, sb))
+  if f.layout == "flax":  # a (..., in, r), b (..., r, out), moment (..., in, out)
+    in_ax, out_ax = pa[-2], pb[-1]
+  else:  # A (..., r, in), B (..., out, r), moment (..., out, in)
+    in_ax, out_ax = pa[-1], pb[-2]
+  used = set()
+
+  def take(ax):  # each mesh axis may split one array axis only
+    names = {ax} if isinstance(ax, str) else set(ax or ())
+    if not names or names & used:
+      return None
+    used.update(names)
+    return ax
+
+  out_ax = take(out_ax)
+  batch = tuple(take(x if x is not None else y) for x, y in zip(pb[:-2], pa[:-2]))
+  in_ax = take(in_ax)
+  spec = batch + ((in_ax, out_ax) if f.layout == "flax" else (out_ax, in_ax))
+  return jax.sharding.NamedSharding(sb.mesh, jax.sharding.PartitionSpec(*spec))
+
+
+def full_moment_shardings(params, pairs: pairs_lib.PairsArg = None):
+  """Shardings of the full-mode moments (``mu`` and ``nu``) for sharded params.
+
+  ``lorapro(mode="full").init(params)`` called outside ``jax.jit`` on sharded
+  arrays already places the moments this way. Under ``jax.jit`` nothing ties
+  a freshly created moment to the params, so pass these as ``out_shardings``
+  (e.g. through ``optax.tree.map_params``, see ``examples/sharded_finetune.py``).
+
+  Args:
+    params: the parameters, as arrays or ``jax.ShapeDtypeStruct`` whose
+      ``sharding`` is a `jax.sharding.NamedSharding`.
+    pairs: as in `lorapro`.
+
+  Returns:
+    A tree with the structure of ``ScaleByLoraProFullState.mu``: each pair's A
+    slot holds the sharding of its m×n moment (out features split like B, in
+    features like A unless that mesh axis is taken), its B slot an
+    `PairedSlot`, other leaves their own sharding.
+  """
+  leaves, treedef = jax.tree.flatten(params)
+  out = [getattr(x, "sharding", None) for x in leaves]
+  for f in pairs_lib.find_pairs(params, pairs):
+    sharding = _moment_sharding(f, leaves[f.a_index], leaves[f.b_index])
+    if sharding is None:
+      raise ValueError(f"The LoRA pair {pairs_lib.path_str(f.path)} has no NamedSharding on "
+                       "both of its leaves.")
+    out[f.a_index], out[f.b_index] = sharding, PairedSlot()
+  return jax.tree.unflatten(treedef, out)
+
+
 def lorapro(
     scale: ScaleArg = 1.0,
     *,
@@ -247,10 +318,13 @@ def lorapro(
   def init_full(params):
     found = pairs_lib.find_pairs(params, pairs)
     leaves, treedef = jax.tree.flatten(params)
-    moments = [jnp.zeros(jnp.shape(x), moment_dtype) for x in leaves]
+    # zeros_like keeps the sharding of a concrete sharded leaf, as optax.adam does.
+    moments = [jnp.zeros_like(x, dtype=moment_dtype) for x in leaves]
     for f in found:
-      moments[f.a_index] = jnp.zeros(_moment_shape(f), moment_dtype)
-      moments[f.b_index] = optax.MaskedNode()
+      moments[f.a_index] = jnp.zeros(
+          _moment_shape(f), moment_dtype,
+          device=_moment_sharding(f, leaves[f.a_index], leaves[f.b_index]))
+      moments[f.b_index] = PairedSlot()
     mu = jax.tree.unflatten(treedef, moments)
     return ScaleByLoraProFullState(jnp.zeros([], jnp.int32), mu,
                                    jax.tree.map(jnp.copy, mu))
@@ -259,8 +333,8 @@ def lorapro(
     del extra_args
     P, u_leaves = adjusted_updates(updates, params)
     count = optax.safe_int32_increment(state.count)
-    mu, mu_def = jax.tree.flatten(state.mu, is_leaf=_is_masked)
-    nu = jax.tree.leaves(state.nu, is_leaf=_is_masked)
+    mu, mu_def = jax.tree.flatten(state.mu, is_leaf=_is_slot)
+    nu = jax.tree.leaves(state.nu, is_leaf=_is_slot)
     if len(mu) != len(u_leaves):
       raise ValueError("The full-mode state does not match the parameters: "
                        f"{len(mu)} moment slots for {len(u_leaves)} leaves. "

@@ -83,8 +83,8 @@ def test_full_mode_state_layout_and_dtypes():
   for mom in (state.mu, state.nu):
     chex.assert_shape(mom["flax"]["lora_a"], (L, n, m))  # (..., in, out) like a kernel
     chex.assert_shape(mom["peft"]["lora_A"], (m, n))  # (out, in) like a torch weight
-    assert isinstance(mom["flax"]["lora_b"], optax.MaskedNode)
-    assert isinstance(mom["peft"]["lora_B"], optax.MaskedNode)
+    assert isinstance(mom["flax"]["lora_b"], lpj.PairedSlot)
+    assert isinstance(mom["peft"]["lora_B"], lpj.PairedSlot)
     chex.assert_shape(mom["other"], (4,))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(mom))
   half = lpj.lorapro(mode="full", moment_dtype=jnp.bfloat16,
