@@ -11,6 +11,7 @@ Python version always produces the same pairs.
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import functools
 import hashlib
@@ -153,10 +154,10 @@ def _document(node: ast.FunctionDef | ast.AsyncFunctionDef, lines: list[str]) ->
     if doc.lineno > node.lineno and (not rest or rest[0].lineno > doc.end_lineno):
         kept = lines[node.lineno - 1 : doc.lineno - 1] + lines[doc.end_lineno : node.end_lineno]
         return textwrap.dedent("".join(kept)).strip("\n")
-    copy = ast.parse(textwrap.dedent("".join(lines[node.lineno - 1 : node.end_lineno]))).body[0]
-    copy.decorator_list = []
-    copy.body = copy.body[1:]
-    return ast.unparse(copy)
+    stripped = copy.copy(node)  # shallow: only the top-level lists change
+    stripped.decorator_list = []
+    stripped.body = rest
+    return ast.unparse(stripped)
 
 
 def extract_pairs(source: str, module: str, max_doc_chars: int = 1500) -> list[CodePair]:
