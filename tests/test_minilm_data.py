@@ -99,6 +99,13 @@ def test_extract_pairs_selection_and_docstring_removal():
         assert '"""' not in p.document.split("\n", 1)[0] and p.query not in p.document
 
 
+def test_line_numbers_survive_form_feeds():
+    # str.splitlines() would split at the form feed and shift every later line.
+    src = 'x = 1\n\x0c\ndef f(a):\n    """Return a plus one here."""\n    return a + 1\n'
+    (p,) = D.extract_pairs(src, "m")
+    assert p.document == "def f(a):\n    return a + 1"
+
+
 def test_first_sentence_and_truncation():
     assert D.first_sentence("Return x. Then y.\n\nMore.") == "Return x."
     assert D.first_sentence("  Spans\n  two lines without stop\n\nrest") == "Spans two lines without stop"

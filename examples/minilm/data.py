@@ -170,7 +170,9 @@ def extract_pairs(source: str, module: str, max_doc_chars: int = 1500) -> list[C
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e.g. invalid escape sequences in old modules
         tree = ast.parse(source)
-    lines = source.splitlines(keepends=True)
+    # Not str.splitlines: it also breaks at form feeds etc., which the stdlib
+    # uses (e.g. shlex), and ast line numbers count only \n, \r\n and \r.
+    lines = re.findall(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+$", source)
     pairs: list[CodePair] = []
 
     def visit(body, prefix):
