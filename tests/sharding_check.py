@@ -1,0 +1,215 @@
+"""Runs `lorapro` under `jax.jit` on 8 simulated CPU devices; prints a JSON report.
+
+Run in a subprocess by `tests/test_sharding.py` (the pytest process has already
+initialised JAX with one device):
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharding_check.py
+
+For every layout (FSDP, tensor-parallel, data-parallel) and mode (efficient,
+full), in float32 (and FSDP full mode in float64 too), it trains a few steps with LoRA params,
+gradients and optimizer state sharded on a `jax.sharding.Mesh`, and records
+
+* the largest difference from the same steps on a single device,
+* the shardings of the updates and of the full-mode moments (after eager
+  init, after jitted init with ``out_shardings``, and after the steps),
+* every collective in the compiled update's HLO (``compiled.as_text()``) with
+  its result shape(s).
+
+The JSON goes to stdout; nothing is asserted here.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import json  # noqa: E402
+import re  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
+
+import lorapro_jax as lpj  # noqa: E402
+
+# Two pair shapes (two groups of one rank share one batched eigh), a stack of
+# layers and a non-LoRA leaf. Flax layout: lora_a (..., in, r), lora_b (..., r, out).
+IN, OUT, OUT2, R, LAYERS, SCALE = 64, 128, 96, 4, 2, 2.0
+STEPS = 3
+
+# Each layout: mesh axis names and shape, and the PartitionSpec of every leaf.
+LAYOUTS = {
+    # A and B split along their long axis (in features for A, out for B).
+    "fsdp": (("fsdp",), (8,), {
+        "q": {"lora_a": P("fsdp", None), "lora_b": P(None, "fsdp")},
+        "v": {"lora_a": P("fsdp", None), "lora_b": P(None, "fsdp")},
+        "mlp": {"lora_a": P(None, "fsdp", None), "lora_b": P(None, None, "fsdp")},
+        "head": P("fsdp", None),
+    }),
+    # Split along output features: B's out axis, A replicated (column-parallel).
+    "tp": (("model",), (8,), {
+        "q": {"lora_a": P(), "lora_b": P(None, "model")},
+        "v": {"lora_a": P(), "lora_b": P(None, "model")},
+        "mlp": {"lora_a": P(), "lora_b": P(None, None, "model")},
+        "head": P(None, "model"),
+    }),
+    # Replicated params; per-device batch gradients are all-reduced by the loss's
+    # jit before the optimizer sees them, so the optimizer gets replicated grads.
+    "dp": (("data",), (8,), {
+        "q": {"lora_a": P(), "lora_b": P()},
+        "v": {"lora_a": P(), "lora_b": P()},
+        "mlp": {"lora_a": P(), "lora_b": P()},
+        "head": P(),
+    }),
+}
+
+# Data parallelism with ZeRO-style optimizer state: replicated params, the
+# full-mode moments split over the data axis (a user choice through out_shardings).
+DP_MOMENT_SPECS = {"q": P("data", None), "v": P("data", None), "mlp": P(None, "data", None),
+                   "head": P("data", None)}
+
+COLLECTIVE = re.compile(
+    r"=\s*(?P<shape>\(.*?\)|\S+)\s+(?P<op>all-gather|all-reduce|reduce-scatter|all-to-all|"
+    r"collective-permute|collective-broadcast)(?:-start)?\(")
+
+
+def make_params(dtype):
+  rng = np.random.default_rng(0)
+  normal = lambda *s: rng.standard_normal(s).astype(dtype)
+  return {
+      "q": {"lora_a": normal(IN, R), "lora_b": normal(R, OUT)},
+      "v": {"lora_a": normal(IN, R), "lora_b": normal(R, OUT2)},
+      "mlp": {"lora_a": normal(LAYERS, IN, R), "lora_b": normal(LAYERS, R, OUT)},
+      "head": normal(OUT, 8),
+  }
+
+
+def make_grads(params, step):
+  """Consistent LoRA gradients of a random full kernel gradient G (in, out):
+  dL/da = s·G·bᵀ, dL/db = s·aᵀ·G (Eq. 5 in the flax layout)."""
+  rng = np.random.default_rng(100 + step)
+  out = {}
+  for k, v in params.items():
+    if k == "head":
+      out[k] = rng.standard_normal(v.shape).astype(v.dtype)
+      continue
+    a, b = np.asarray(v["lora_a"]), np.asarray(v["lora_b"])
+    G = rng.standard_normal(a.shape[:-1] + b.shape[-1:]).astype(a.dtype)
+    out[k] = {"lora_a": SCALE * G @ np.swapaxes(b, -1, -2),
+              "lora_b": SCALE * np.swapaxes(a, -1, -2) @ G}
+  return out
+
+
+def make_tx(mode):
+  if mode == "efficient":
+    return optax.chain(lpj.lorapro(SCALE), optax.sgd(0.01))
+  return lpj.lorapro_adamw(0.01, scale=SCALE, mode="full", weight_decay=0.1)
+
+
+def spec_of(x):
+  if isinstance(x, lpj.PairedSlot):
+    return "paired-slot"
+  s = x.sharding
+  return [list(a) if isinstance(a, tuple) else a for a in s.spec] if isinstance(
+      s, NamedSharding) else str(s)
+
+
+def moment_specs(state):
+  return jax.tree.map(spec_of, state[0].mu, is_leaf=lambda x: isinstance(x, lpj.PairedSlot))
+
+
+def collectives(hlo: str):
+  return [{"op": m["op"], "shape": m["shape"]} for m in COLLECTIVE.finditer(hlo)]
+
+
+def train(tx, params, state, steps, update=None):
+  """``steps`` steps; returns the final params and state and every step's updates."""
+  history = []
+  for t in range(steps):
+    grads = make_grads(params, t)
+    if update is None:
+      update = jax.jit(tx.update)
+    else:  # lay the gradients out like the params, as a sharded backward pass would
+      grads = jax.tree.map(lambda g, p: jax.device_put(g, p.sharding), grads, params)
+    u, state = update(grads, state, params)
+    params = optax.apply_updates(params, u)
+    history.append(u)
+  return params, state, history
+
+
+_REFERENCE = {}
+
+
+def run_case(name, mode, dtype):
+  axis_names, shape, specs = LAYOUTS[name]
+  mesh = Mesh(np.array(jax.devices()).reshape(shape), axis_names)
+  shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
+  host = make_params(dtype)
+  tx = make_tx(mode)
+
+  key = (mode, np.dtype(dtype).name)
+  if key not in _REFERENCE:  # the same steps on a single device
+    _REFERENCE[key] = train(tx, jax.tree.map(jnp.asarray, host), tx.init(host), STEPS)[2]
+  ref_updates = _REFERENCE[key]
+
+  params = jax.device_put(host, shardings)
+  report = {"layout": name, "mode": mode, "dtype": np.dtype(dtype).name}
+  replicated = NamedSharding(mesh, P())
+  if mode == "full":
+    report["moments_eager_init"] = moment_specs(tx.init(params))
+    # Under jit, freshly created zeros have no tie to the params: pass shardings.
+    moment_sh = lpj.full_moment_shardings(params)
+    if name == "dp":  # ZeRO-style: split the replicated params' moments over "data"
+      moment_sh = jax.tree.map(
+          lambda s, spec: s if isinstance(s, lpj.PairedSlot) else NamedSharding(mesh, spec),
+          moment_sh, {k: ({"lora_a": v, "lora_b": lpj.PairedSlot()} if k != "head" else v)
+                      for k, v in DP_MOMENT_SPECS.items()},
+          is_leaf=lambda x: isinstance(x, lpj.PairedSlot))
+    state_sh = optax.tree.map_params(
+        tx, lambda _, s: s, jax.eval_shape(tx.init, params), moment_sh,
+        transform_non_params=lambda _: replicated,
+        is_leaf=lambda x: isinstance(x, lpj.PairedSlot))
+    state = jax.jit(tx.init, out_shardings=state_sh)(params)
+    report["moments_jit_init"] = moment_specs(state)
+  else:
+    state = tx.init(params)
+
+  # A training step keeps the updates laid out like the params; the state's
+  # layout is left to the partitioner (it keeps the moments as they came in).
+  grads0 = jax.device_put(make_grads(host, 0), shardings)
+  update = jax.jit(tx.update, out_shardings=(shardings, None))
+  update = update.lower(grads0, state, params).compile()
+  report["collectives"] = collectives(update.as_text())
+
+  _, state, updates = train(tx, params, state, STEPS, update)
+  report["update_specs"] = jax.tree.map(spec_of, updates[-1])
+  report["param_specs"] = jax.tree.map(spec_of, params)
+  if mode == "full":
+    report["moments_after_steps"] = moment_specs(state)
+  # Every step's updates, relative to the largest single-device update of the leaf.
+  f64 = lambda x: np.asarray(x, np.float64)
+  rel = [jax.tree.map(lambda a, b: float(np.max(np.abs(f64(a) - f64(b))) / np.max(np.abs(f64(b)))),
+                      u, ref) for u, ref in zip(updates, ref_updates)]
+  report["rel_diff"] = rel
+  report["max_rel_diff"] = max(jax.tree.leaves(rel))
+  return report
+
+
+def main():
+  assert jax.device_count() == 8, jax.devices()
+  reports = []
+  for name in LAYOUTS:
+    for mode in ("efficient", "full"):
+      reports.append(run_case(name, mode, np.float32))
+  with jax.enable_x64(True):  # float64: agreement down to rounding
+    reports.append(run_case("fsdp", "full", np.float64))
+  meta = {"shapes": {"in": IN, "out": OUT, "out2": OUT2, "r": R, "layers": LAYERS}}
+  print(json.dumps({"meta": meta, "cases": reports}))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,151 @@
+"""`lorapro` on a device mesh with JAX's SPMD partitioner (8 simulated CPU devices).
+
+The checks run once in a subprocess (`tests/sharding_check.py`), because this
+pytest process has already initialised JAX with a single CPU device; the
+subprocess prints a JSON report that the tests below inspect.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+LAYOUTS = ("fsdp", "tp", "dp")
+MODES = ("efficient", "full")
+MESH_AXIS = {"fsdp": "fsdp", "tp": "model", "dp": "data"}
+
+
+@pytest.fixture(scope="module")
+def report():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, os.path.join(HERE, "sharding_check.py")], env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  data = json.loads(proc.stdout.strip().splitlines()[-1])
+  cases = {(c["layout"], c["mode"], c["dtype"]): c for c in data["cases"]}
+  return data["meta"]["shapes"], cases
+
+
+def _norm(spec):
+  """A PartitionSpec (as JSON) without trailing Nones, so P('x') == P('x', None)."""
+  spec = list(spec)
+  while spec and spec[-1] is None:
+    spec.pop()
+  return spec
+
+
+def _leaves(tree):
+  if isinstance(tree, dict):
+    for k in sorted(tree):
+      for path, leaf in _leaves(tree[k]):
+        yield (k,) + path, leaf
+  else:
+    yield (), tree
+
+
+def _arrays(shape_text):
+  """'(f32[3,4,4]{1,2,0}, f32[1]{0})' -> [(3, 4, 4), (1,)]."""
+  return [tuple(int(d) for d in dims.split(",") if d)
+          for dims in re.findall(r"[a-z]+\d*\[([\d,]*)\]", shape_text)]
+
+
+@pytest.mark.parametrize("layout,mode,dtype", [(l, m, "float32") for l in LAYOUTS for m in MODES]
+                         + [("fsdp", "full", "float64")])
+def test_sharded_training_matches_single_device(report, layout, mode, dtype):
+  """Every step's updates, relative to the largest single-device update."""
+  tol = {"float32": 2e-5, "float64": 1e-12}[dtype]
+  assert report[1][layout, mode, dtype]["max_rel_diff"] < tol
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("layout", ("fsdp", "tp"))
+def test_updates_are_sharded_like_the_params(report, layout, mode):
+  case = report[1][layout, mode, "float32"]
+  updates = dict(_leaves(case["update_specs"]))
+  for path, spec in _leaves(case["param_specs"]):
+    assert _norm(updates[path]) == _norm(spec), path
+
+
+# Moment slots of the full mode, flax layout (..., in, out): split like the
+# adapted weight. FSDP splits A (in) and B (out) over one mesh axis, which can
+# split one axis of the moment only: out features, as B @ A is computed.
+EXPECTED_MOMENTS = {
+    "fsdp": {("q", "lora_a"): [None, "fsdp"], ("v", "lora_a"): [None, "fsdp"],
+             ("mlp", "lora_a"): [None, None, "fsdp"], ("head",): ["fsdp"]},
+    "tp": {("q", "lora_a"): [None, "model"], ("v", "lora_a"): [None, "model"],
+           ("mlp", "lora_a"): [None, None, "model"], ("head",): [None, "model"]},
+    # Replicated params, ZeRO-style moments given through out_shardings.
+    "dp": {("q", "lora_a"): ["data"], ("v", "lora_a"): ["data"],
+           ("mlp", "lora_a"): [None, "data"], ("head",): ["data"]},
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_full_mode_moments_stay_sharded(report, layout):
+  case = report[1][layout, "full", "float32"]
+  stages = ["moments_jit_init", "moments_after_steps"]
+  if layout != "dp":  # eager init derives the moments' sharding from the params'
+    stages.append("moments_eager_init")
+  for stage in stages:
+    got = dict(_leaves(case[stage]))
+    for path, spec in EXPECTED_MOMENTS[layout].items():
+      assert _norm(got[path]) == spec, (stage, path, got[path])
+      assert MESH_AXIS[layout] in spec  # never replicated on every device
+    for name in ("q", "v", "mlp"):
+      assert got[name, "lora_b"] == "paired-slot", stage
+
+
+def _check_r_by_r_only(case, r):
+  for c in case["collectives"]:
+    assert c["op"] == "all-reduce", c  # no all-gather, all-to-all or permute
+    for dims in _arrays(c["shape"]):
+      # Gram partial products (N, r, r) and max-abs scales (N,), never a factor.
+      assert dims[1:] in ((r, r), ()), c
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_efficient_mode_communicates_only_r_by_r_all_reduces(report, layout):
+  """The r×r work needs the Gram matrices BᵀB and AAᵀ and max|A|, max|B|:
+  all-reduces of per-device partial products. Nothing gathers A or B."""
+  shapes, cases = report
+  case = cases[layout, "efficient", "float32"]
+  _check_r_by_r_only(case, shapes["r"])
+  if layout == "dp":
+    assert case["collectives"] == []
+  else:
+    assert any(_arrays(c["shape"])[0][1:] == (shapes["r"],) * 2 for c in case["collectives"])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_full_mode_never_moves_an_m_by_n_array(report, layout):
+  """Full mode also forms the m×n equivalent gradient s·[B, g^B]·[g^A; A] and
+  projects the Adam direction back (Eq. 56). With one mesh axis splitting both
+  A and B (FSDP) one factor must be whole on each device for that product:
+  A (n×r) and [g^A; A] (2r×n) are all-gathered, never anything m×n-sized.
+  Tensor parallelism needs no gather; ZeRO-style data parallelism (moments
+  split, params replicated) gathers the updates, which are param-sized."""
+  shapes, cases = report
+  r = shapes["r"]
+  largest_factor_stack = 2 * r * max(shapes["in"], shapes["out"]) * shapes["layers"]
+  smallest_moment = shapes["in"] * min(shapes["out"], shapes["out2"])
+  assert largest_factor_stack < smallest_moment
+  case = cases[layout, "full", "float32"]
+  for c in case["collectives"]:
+    for dims in _arrays(c["shape"]):
+      assert math.prod(dims) <= largest_factor_stack, c
+  gathers = [c for c in case["collectives"] if c["op"] != "all-reduce"]
+  assert all(c["op"] == "all-gather" for c in gathers), gathers
+  if layout == "fsdp":
+    for c in gathers:
+      (dims,) = _arrays(c["shape"])
+      assert sorted(dims[1:]) in (sorted([shapes["in"], r]), sorted([shapes["in"], 2 * r])), c
+  elif layout == "tp":
+    assert gathers == []
