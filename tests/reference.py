@@ -119,6 +119,22 @@ def adam_direction(g, m, v, t, b1=0.9, b2=0.999, eps=1e-8):
   return m_hat / (np.sqrt(v_hat) + eps), m, v
 
 
+def algorithm3_step(gA_lora, gB_lora, A, B, s, mom, vel, t, x_choice="sylvester", b1=0.9,
+                    b2=0.999, eps=1e-8):
+  """One step of Algorithm 3 (full mode), lines 5-18, at fixed (A, B).
+
+  Returns the adjusted gradients (g̃^A, g̃^B) that the parameters are moved
+  against (lines 23-24) and the new m×n moments.
+  """
+  A, B, mom, vel = _f64(A, B, mom, vel)
+  gA, gB = adjust(gA_lora, gB_lora, A, B, s, x_zero(A, B))  # lines 5-7
+  g_tilde = equivalent_gradient(gA, gB, A, B, s)  # line 8
+  d, mom, vel = adam_direction(g_tilde, mom, vel, t, b1, b2, eps)  # lines 9-13
+  pA, pB = _f64(s * B.T @ d, s * d @ A.T)  # lines 14-15, Eq. (56)
+  gA, gB = lorapro_gradients(pA, pB, A, B, s, x_choice)  # lines 16-18
+  return gA, gB, mom, vel
+
+
 def algorithm3(A0, B0, full_grads, lrs, s, x_choice="sylvester", b1=0.9, b2=0.999,
                eps=1e-8, weight_decay=0.0):
   """Algorithm 3 (full mode) for one pair.
@@ -139,11 +155,8 @@ def algorithm3(A0, B0, full_grads, lrs, s, x_choice="sylvester", b1=0.9, b2=0.99
   out = []
   for t, lr in enumerate(lrs, start=1):
     gA_lora, gB_lora = lora_gradients(full_grads(t, A, B), A, B, s)
-    gA, gB = adjust(gA_lora, gB_lora, A, B, s, x_zero(A, B))  # lines 5-7
-    g_tilde = equivalent_gradient(gA, gB, A, B, s)  # line 8
-    d, mom, vel = adam_direction(g_tilde, mom, vel, t, b1, b2, eps)  # lines 9-13
-    pA, pB = lora_gradients(d, A, B, s)  # lines 14-15, Eq. (56)
-    gA, gB = lorapro_gradients(pA, pB, A, B, s, x_choice)  # lines 16-18
+    gA, gB, mom, vel = algorithm3_step(gA_lora, gB_lora, A, B, s, mom, vel, t, x_choice,
+                                       b1, b2, eps)
     decay = np.sqrt(1 - lr * weight_decay)  # lines 19-21
     A, B = decay * A - lr * gA, decay * B - lr * gB  # lines 22-23
     out.append((A.copy(), B.copy()))

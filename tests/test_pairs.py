@@ -37,10 +37,10 @@ def _update(tx, grads, params):
 
 
 def test_qwix_preset(x64, rng):
-  a, b = _flax_pair(rng, 6, 2, 5)
-  ga, gb = _flax_pair(rng, 6, 2, 5)
-  params = {"dense": {"kernel": np.zeros((6, 5)), "kernel_lora_a": a, "kernel_lora_b": b}}
-  grads = {"dense": {"kernel": np.ones((6, 5)), "kernel_lora_a": ga, "kernel_lora_b": gb}}
+  a, b = _flax_pair(rng, 5, 2, 7)
+  ga, gb = _flax_pair(rng, 5, 2, 7)
+  params = {"dense": {"kernel": np.zeros((5, 7)), "kernel_lora_a": a, "kernel_lora_b": b}}
+  grads = {"dense": {"kernel": np.ones((5, 7)), "kernel_lora_a": ga, "kernel_lora_b": gb}}
   u = _update(lpj.lorapro(1.5, damping=TINY_DAMPING, pairs=lpj.QWIX), grads, params)
   wa, wb = _ref_flax(a, b, ga, gb, 1.5)
   _close(u["dense"]["kernel_lora_a"], wa)
@@ -52,7 +52,7 @@ def test_qwix_preset(x64, rng):
 
 
 def test_peft_preset_paper_layout(x64, rng):
-  m, n, r, s = 5, 6, 2, 2.0
+  m, n, r, s = 7, 5, 2, 2.0
   A, B, g = random_pair(rng, m, n, r)
   gA, gB = ref.lora_gradients(g, A, B, s)
   params = {"q_proj": {"lora_A": A, "lora_B": B, "base_layer": np.zeros((m, n))}}
@@ -66,7 +66,7 @@ def test_peft_preset_paper_layout(x64, rng):
 
 
 def test_multi_key_suffix_spec(x64, rng):
-  m, n, r, s = 5, 6, 2, 2.0
+  m, n, r, s = 7, 5, 2, 2.0
   A, B, g = random_pair(rng, m, n, r)
   gA, gB = ref.lora_gradients(g, A, B, s)
   spec = lpj.LoRASpec("lora_A/weight", "lora_B/weight", "paper")
@@ -87,16 +87,16 @@ def test_multi_key_suffix_spec(x64, rng):
   np.testing.assert_array_equal(u["enc"]["q"]["base"]["weight"], 1.0)
   # A lone multi-key leaf is reported with its full path.
   del params["enc"]["q"]["lora_B"]
-  with pytest.raises(ValueError, match=r"enc/q/lora_A/weight \(2, 6\) has no partner "
+  with pytest.raises(ValueError, match=r"enc/q/lora_A/weight \(2, 5\) has no partner "
                                        r"enc/q/lora_B/weight"):
     lpj.find_pairs(params, spec)
 
 
 def test_callable_pairs(x64, rng):
   """Any arrangement: a callable returning LoRAPair (or plain tuples)."""
-  a, b = _flax_pair(rng, 6, 2, 5)
-  ga, gb = _flax_pair(rng, 6, 2, 5)
-  A2, B2, g2 = random_pair(rng, 4, 7, 3)
+  a, b = _flax_pair(rng, 5, 2, 7)
+  ga, gb = _flax_pair(rng, 5, 2, 7)
+  A2, B2, g2 = random_pair(rng, 5, 9, 3)
   gA2, gB2 = ref.lora_gradients(g2, A2, B2, 0.5)
   params = {"mlp": {"down": a, "up": b}, "attn": [{"left": B2, "right": A2}]}
   grads = {"mlp": {"down": ga, "up": gb}, "attn": [{"left": gB2, "right": gA2}]}
@@ -107,7 +107,7 @@ def test_callable_pairs(x64, rng):
 
   scale = lambda path, rank: {("mlp",): 1.5, ("attn", 0): 0.5}[path]
   found = lpj.find_pairs(params, pairs)
-  assert [(f.m, f.n, f.r, f.layout) for f in found] == [(5, 6, 2, "flax"), (4, 7, 3, "paper")]
+  assert [(f.m, f.n, f.r, f.layout) for f in found] == [(7, 5, 2, "flax"), (5, 9, 3, "paper")]
   u = _update(lpj.lorapro(scale, damping=TINY_DAMPING, pairs=pairs), grads, params)
   wa, wb = _ref_flax(a, b, ga, gb, 1.5)
   _close(u["mlp"]["down"], wa)
@@ -118,7 +118,7 @@ def test_callable_pairs(x64, rng):
 
 
 def test_callable_pairs_leaf_in_two_pairs_raises(rng):
-  a, b = _flax_pair(rng, 6, 2, 5)
+  a, b = _flax_pair(rng, 5, 2, 7)
   params = {"l": {"a": a, "b": b, "c": b}}
   pairs = lambda p: [lpj.LoRAPair(("l", "a"), ("l", "b")), lpj.LoRAPair(("l", "a"), ("l", "c"))]
   with pytest.raises(ValueError, match=r"Leaf l/a belongs to two LoRA pairs"):
@@ -126,7 +126,7 @@ def test_callable_pairs_leaf_in_two_pairs_raises(rng):
 
 
 def test_per_layer_scale_callable_with_different_ranks(x64, rng):
-  shapes = {"q": (6, 2, 5), "k": (6, 4, 5), "v": (8, 1, 3)}
+  shapes = {"q": (5, 2, 7), "k": (9, 3, 5), "v": (6, 1, 12)}  # (n, r, m)
   params = {k: dict(zip(("lora_a", "lora_b"), _flax_pair(rng, *v))) for k, v in shapes.items()}
   grads = {k: dict(zip(("lora_a", "lora_b"), _flax_pair(rng, *v))) for k, v in shapes.items()}
   calls = []
@@ -145,7 +145,7 @@ def test_per_layer_scale_callable_with_different_ranks(x64, rng):
 
 
 def test_scale_array_broadcasts_over_batch_axes(x64, rng):
-  L, n, r, m = 3, 6, 2, 5
+  L, n, r, m = 3, 5, 2, 7
   a, b = rng.standard_normal((L, n, r)), rng.standard_normal((L, r, m))
   ga, gb = rng.standard_normal((L, n, r)), rng.standard_normal((L, r, m))
   s = np.array([0.5, 1.0, 4.0])
@@ -161,14 +161,14 @@ def test_scale_array_broadcasts_over_batch_axes(x64, rng):
 
 
 def test_several_specs_in_one_tree(x64, rng):
-  a1, b1 = _flax_pair(rng, 6, 2, 5)
-  a2, b2 = _flax_pair(rng, 4, 3, 7)
-  A3, B3, _ = random_pair(rng, 3, 5, 2)
+  a1, b1 = _flax_pair(rng, 5, 2, 7)
+  a2, b2 = _flax_pair(rng, 9, 3, 5)
+  A3, B3, _ = random_pair(rng, 7, 5, 2)
   params = {"x": {"lora_a": a1, "lora_b": b1}, "y": {"kernel_lora_a": a2, "kernel_lora_b": b2},
             "z": {"lora_A": A3, "lora_B": B3}}
   found = lpj.find_pairs(params, (lpj.FLAX_NNX, lpj.QWIX, lpj.PEFT))
   assert sorted((f.path, f.layout, f.m, f.n, f.r) for f in found) == [
-      (("x",), "flax", 5, 6, 2), (("y",), "flax", 7, 4, 3), (("z",), "paper", 3, 5, 2)]
+      (("x",), "flax", 7, 5, 2), (("y",), "flax", 5, 9, 3), (("z",), "paper", 7, 5, 2)]
   grads = jax.tree.map(lambda p: rng.standard_normal(p.shape), params)
   u = _update(lpj.lorapro(2.0, damping=TINY_DAMPING, pairs=(lpj.FLAX_NNX, lpj.QWIX, lpj.PEFT)),
               grads, params)
@@ -224,11 +224,17 @@ def test_nnx_state_paths():
 def test_equivalent_gradients_one_entry_per_pair_with_callable(x64, rng):
   """Two pairs under one parent (possible with a callable) must not collide in
   the diagnostic's output."""
-  a1, b1 = _flax_pair(rng, 6, 2, 5)
-  a2, b2 = _flax_pair(rng, 6, 3, 5)
+  a1, b1 = _flax_pair(rng, 5, 2, 7)
+  a2, b2 = _flax_pair(rng, 9, 3, 5)
   params = {"l": {"a1": a1, "b1": b1, "a2": a2, "b2": b2}}
   updates = jax.tree.map(lambda p: rng.standard_normal(p.shape), params)
   pairs = lambda p: [lpj.LoRAPair(("l", "a1"), ("l", "b1")), lpj.LoRAPair(("l", "a2"), ("l", "b2"))]
   out = lpj.equivalent_gradients(jax.tree.map(jnp.asarray, params),
                                  jax.tree.map(jnp.asarray, updates), pairs=pairs)
   assert len(out) == 2, f"one entry per pair expected, got keys {list(out)}"
+  # Documented keys: the A leaf's path when two pairs share a parent.
+  assert set(out) == {("l", "a1"), ("l", "a2")}
+  for k in ("1", "2"):
+    a, b, ga, gb = (params["l"][x + k] if x in "ab" else updates["l"][x[1] + k]
+                    for x in ("a", "b", "ga", "gb"))
+    _close(out[("l", "a" + k)], ga @ b + a @ gb, rtol=1e-12)  # (s·B·g^A + s·g^B·A)ᵀ, s = 1

@@ -22,9 +22,9 @@ from conftest import (TINY_DAMPING, get_pair, pair_tree, pairs_arg, random_pair,
 
 X_CHOICES = ("sylvester", "zero", "symmetric")
 LAYOUTS = ("flax", "paper")
-# (m, n, r, s): tall, wide, square, rank 1, rank close to min(m, n).
-SHAPES = [(7, 5, 2, 1.7), (16, 12, 4, 2.0), (5, 9, 3, 0.5), (10, 10, 8, 1.0),
-          (12, 6, 1, 4.0)]
+# (m, n, r, s): tall, wide, square with rank close to min(m, n), rank 1. Few
+# distinct shapes keep the suite fast: eager JAX compiles every op once per shape.
+SHAPES = [(7, 5, 2, 1.7), (5, 9, 3, 0.5), (10, 10, 8, 1.0), (12, 6, 1, 4.0)]
 
 
 def _close(got, want, rtol=1e-8):
@@ -61,7 +61,7 @@ def test_theorem_2_1_equivalent_gradient_is_projection(x64, layout, x_choice, m,
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("m,n,r,s", [(6, 5, 2, 1.3), (4, 7, 3, 0.8)])
+@pytest.mark.parametrize("m,n,r,s", [(7, 5, 2, 1.3), (5, 9, 3, 0.8)])
 def test_theorem_2_1_matches_brute_force_least_squares(x64, layout, m, n, r, s):
   """min over all (g^A, g^B) of ‖s·B·g^A + s·g^B·A - g‖ by lstsq on the vec form."""
   A, B, g, gA, gB = _problem(1, m, n, r, s)
@@ -76,7 +76,7 @@ def test_theorem_2_1_matches_brute_force_least_squares(x64, layout, m, n, r, s):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("x_choice", X_CHOICES)
 def test_theorem_2_1_perturbations_increase_distance(x64, layout, x_choice):
-  m, n, r, s = 9, 7, 3, 1.5
+  m, n, r, s = 7, 5, 2, 1.5
   A, B, g, gA, gB = _problem(2, m, n, r, s)
   oA, oB = run_lorapro(A, B, gA, gB, s, layout, x_choice=x_choice)
   dist = lambda a, b: np.linalg.norm(ref.equivalent_gradient(a, b, A, B, s) - g)
@@ -127,13 +127,12 @@ def test_theorem_2_2_descent_direction(x64, layout, x_choice, m, n, r, s):
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(r=st.integers(1, 4), dm=st.integers(0, 5), dn=st.integers(0, 5),
-       s=st.floats(0.1, 10.0), seed=st.integers(0, 2**31 - 1),
-       x_choice=st.sampled_from(X_CHOICES))
-def test_theorem_2_2_property(x64, r, dm, dn, s, seed, x_choice):
-  m, n = r + dm + 1, r + dn + 1
+@given(shape=st.sampled_from(SHAPES), s=st.floats(0.1, 10.0), seed=st.integers(0, 2**31 - 1),
+       x_choice=st.sampled_from(X_CHOICES), layout=st.sampled_from(LAYOUTS))
+def test_theorem_2_2_property(x64, shape, s, seed, x_choice, layout):
+  m, n, r, _ = shape
   A, B, g, gA, gB = _problem(seed, m, n, r, s)
-  oA, oB = run_lorapro(A, B, gA, gB, s, "flax", x_choice=x_choice)
+  oA, oB = run_lorapro(A, B, gA, gB, s, layout, x_choice=x_choice)
   inner = np.sum(gA * oA) + np.sum(gB * oB)
   t1, t2 = _eq13(gA, gB, A, B, s)
   assert inner >= -1e-10 * (abs(t1) + abs(t2) + 1)
@@ -239,7 +238,7 @@ def test_symmetric_x_is_the_corrected_eq16(x64, layout, m, n, r, s):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("x_choice", X_CHOICES)
 def test_b_zero_first_step_float64(x64, layout, x_choice):
-  m, n, r, s = 8, 6, 3, 2.0
+  m, n, r, s = 7, 5, 2, 2.0
   A, _, g, _, _ = _problem(60, m, n, r, s)
   B = np.zeros((m, r))
   gA, gB = ref.lora_gradients(g, A, B, s)
@@ -253,7 +252,7 @@ def test_b_zero_first_step_float64(x64, layout, x_choice):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("x_choice", X_CHOICES)
 def test_b_zero_first_step_float32_default_damping(layout, x_choice):
-  m, n, r, s = 16, 12, 4, 2.0
+  m, n, r, s = 7, 5, 2, 2.0
   A, _, g, _, _ = _problem(61, m, n, r, s)
   B = np.zeros((m, r))
   gA, gB = ref.lora_gradients(g, A, B, s)
@@ -266,7 +265,7 @@ def test_b_zero_first_step_float32_default_damping(layout, x_choice):
   np.testing.assert_allclose(oB, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
-def _finite_cases(rng, m=9, n=7, r=3):
+def _finite_cases(rng, m=7, n=5, r=2):
   A = rng.standard_normal((r, n))
   B = rng.standard_normal((m, r))
   A_def = A.copy()
@@ -305,7 +304,7 @@ def test_degenerate_and_extreme_factors_are_finite_float32(case, x_choice):
 def test_extreme_scales_still_solve_theorem_2_1_float32(scale_exp):
   """Scale normalisation: A, B of magnitude 1e±20 in float32 give the same
   equivalent gradient (relative to its size) as O(1) factors would."""
-  m, n, r, s = 10, 8, 3, 1.0
+  m, n, r, s = 7, 5, 2, 1.0
   A, B, g, _, _ = _problem(80, m, n, r, s)
   c = 10.0**scale_exp
   A_c, B_c = c * A, c * B
@@ -323,7 +322,7 @@ def test_extreme_scales_still_solve_theorem_2_1_float32(scale_exp):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_equivalent_gradients_diagnostic(x64, layout):
-  m, n, r, s = 7, 6, 2, 1.25
+  m, n, r, s = 7, 5, 2, 1.25
   rng = np.random.default_rng(90)
   A, B, _ = random_pair(rng, m, n, r)
   gA, gB = rng.standard_normal((r, n)), rng.standard_normal((m, r))  # arbitrary updates
