@@ -51,14 +51,15 @@ def full_tx(moment_dtype=jnp.float32):
                      optax.scale_by_learning_rate(1e-4))
 
 
-def lora_variants(full: bool):
+def lora_variants(full: bool, x_choices=X_CHOICES, bf16: bool = True):
   """name -> (optimizer, which tree it runs on: 'lora' or 'dense')."""
   v = {"adamw": (optax.adamw(1e-4), "lora")}
-  for x in X_CHOICES:
+  for x in x_choices:
     v[f"lorapro-{x}+adamw"] = (efficient_tx(x), "lora")
   if full:
     v["lorapro-full"] = (full_tx(jnp.float32), "lora")
-    v["lorapro-full-bf16"] = (full_tx(jnp.bfloat16), "lora")
+    if bf16:
+      v["lorapro-full-bf16"] = (full_tx(jnp.bfloat16), "lora")
     v["dense-adamw"] = (optax.adamw(1e-4), "dense")
   return v
 
@@ -78,7 +79,8 @@ def _update_fn(tx):
 # section 1 (and the measured part of 3): update time on real shapes
 
 
-def bench_update_config(model_name, layers, r, *, full, target_s, rounds, log):
+def bench_update_config(model_name, layers, r, *, full, target_s, rounds, log,
+                        x_choices=X_CHOICES, bf16=True):
   model = models.MODELS[model_name]
   cfg = f"{model_name} L{layers}/{model.total_layers} r{r}"
   log(f"[update] {cfg}: building parameters")
@@ -87,7 +89,7 @@ def bench_update_config(model_name, layers, r, *, full, target_s, rounds, log):
   if full:
     trees["dense"] = models.dense_tree(model, layers, seed=2)
   runners, meta = [], {}
-  for name, (tx, which) in lora_variants(full).items():
+  for name, (tx, which) in lora_variants(full, x_choices, bf16).items():
     pp, gg = trees[which]
     state = tx.init(pp)
     meta[name] = {"state_bytes": timing.tree_bytes(state), "param_bytes": timing.tree_bytes(pp)}
@@ -105,12 +107,14 @@ def bench_update_config(model_name, layers, r, *, full, target_s, rounds, log):
                  "compile_s": rn.compile_s, **meta[rn.name], **timing.memory_stats(rn.compiled)})
   base = res["adamw"]["median_ms"]
   ratios = [{"config": cfg, "ratio": f"{x}/adamw", "value": res[f"lorapro-{x}+adamw"]["median_ms"] / base}
-            for x in X_CHOICES]
+            for x in x_choices]
   if full:
     dense = res["dense-adamw"]["median_ms"]
-    ratios += [{"config": cfg, "ratio": "full/dense-adamw", "value": res["lorapro-full"]["median_ms"] / dense},
-               {"config": cfg, "ratio": "full-bf16/dense-adamw",
-                "value": res["lorapro-full-bf16"]["median_ms"] / dense}]
+    ratios.append({"config": cfg, "ratio": "full/dense-adamw",
+                   "value": res["lorapro-full"]["median_ms"] / dense})
+    if bf16:
+      ratios.append({"config": cfg, "ratio": "full-bf16/dense-adamw",
+                     "value": res["lorapro-full-bf16"]["median_ms"] / dense})
   del runners, trees, p, g
   gc.collect()
   return rows, ratios
@@ -350,8 +354,10 @@ def parse_args(argv=None):
   ap.add_argument("--ranks", type=_ints, default=[8, 32, 128], help="ranks on Llama-2-7B shapes")
   ap.add_argument("--full-llama-layers", type=int, default=1,
                   help="Llama-2-7B layers for full mode vs dense AdamW (0: skip)")
-  ap.add_argument("--small-models", default="minilm,bert-base",
-                  help="models timed at --small-rank with every row incl. full mode")
+  ap.add_argument("--small-models", default="minilm:6,bert-base:12",
+                  help="MODEL:LAYERS,... timed at --small-rank: adamw, lorapro-sylvester+adamw, "
+                       "full mode, dense AdamW (every x_choice and bf16 moments are timed on "
+                       "Llama-2-7B shapes)")
   ap.add_argument("--small-rank", type=int, default=8)
   ap.add_argument("--adapters", type=_ints, default=[8, 32, 128, 256, 512, 1024])
   ap.add_argument("--adapter-dim", type=int, default=512)
@@ -361,7 +367,7 @@ def parse_args(argv=None):
                   help="largest #adapters timed as separate leaves with the batched engine "
                        "(its compile time grows ~linearly with the leaf count); stacked "
                        "leaves are timed at every point")
-  ap.add_argument("--scaling-ranks", type=_ints, default=[4, 8, 16, 32, 64, 128, 256])
+  ap.add_argument("--scaling-ranks", type=_ints, default=[4, 16, 64, 256])
   ap.add_argument("--rank-dim", type=int, default=1024)
   ap.add_argument("--rank-adapters", type=int, default=32)
   ap.add_argument("--memory-model", default="llama2-7b")
@@ -383,12 +389,12 @@ def parse_args(argv=None):
   args = ap.parse_args(argv)
   if args.quick:
     args.layers, args.ranks, args.full_llama_layers = 1, [8, 128], 0
-    args.small_models = "minilm"
+    args.small_models = "minilm:6"
     args.adapters, args.scaling_ranks = [8, 64, 256], [4, 32, 128]
     args.target_s, args.rounds = 0.5, 3
   if args.smoke:
     args.layers, args.ranks, args.full_llama_layers = 0, [], 0
-    args.small_models, args.small_rank = "tiny", 4
+    args.small_models, args.small_rank = "tiny:1", 4
     args.adapters, args.adapter_dim, args.adapter_rank = [2], 16, 2
     args.scaling_ranks, args.rank_dim, args.rank_adapters = [2], 16, 2  # reuses the point above
     args.memory_model, args.memory_layers, args.memory_rank = "tiny", 1, 4
@@ -401,6 +407,21 @@ def parse_args(argv=None):
   return args
 
 
+def _out_paths(args, result):
+  tag = args.tag or ("smoke" if args.smoke else result["device"]["platform"])
+  return os.path.join(args.out_dir, f"{tag}.json"), os.path.join(args.out_dir, f"{tag}.txt")
+
+
+def _checkpoint(result, args):
+  """Writes the partial result (a long run that is stopped keeps what it measured)."""
+  os.makedirs(args.out_dir, exist_ok=True)
+  json_path, txt_path = _out_paths(args, result)
+  with open(json_path, "w") as f:
+    json.dump({**result, "partial": True}, f, indent=1, default=str)
+  with open(txt_path, "w") as f:
+    f.write(format_tables(result) + "\n")
+
+
 def main(argv=None):
   args = parse_args(argv)
   warnings.filterwarnings("ignore", message=".*[Dd]onat.*")
@@ -410,20 +431,26 @@ def main(argv=None):
             "update": [], "ratios": [], "scaling": [], "memory": [], "e2e": None}
   log(f"device: {result['device']['label']}")
   if "update" in args.sections:
+    # (model, layers, rank, full mode?, x_choices, bf16 moments?)
     configs = []
     if args.layers > 0:
-      configs += [("llama2-7b", args.layers, r, False) for r in args.ranks]
+      configs += [("llama2-7b", args.layers, r, False, X_CHOICES, False) for r in args.ranks]
     if args.full_llama_layers > 0:
-      configs.append(("llama2-7b", args.full_llama_layers, 8, True))
-    for m in [m for m in args.small_models.split(",") if m]:
-      configs.append((m, models.MODELS[m].total_layers, args.small_rank, True))
-    for model_name, layers, r, full in configs:
+      configs.append(("llama2-7b", args.full_llama_layers, 8, True, ("sylvester",), True))
+    for spec in [m for m in args.small_models.split(",") if m]:
+      name, _, nl = spec.partition(":")
+      small_x = X_CHOICES if args.smoke else ("sylvester",)
+      configs.append((name, int(nl) if nl else models.MODELS[name].total_layers, args.small_rank,
+                      True, small_x, args.smoke))
+    for model_name, layers, r, full, xs, bf16 in configs:
       rows, ratios = bench_update_config(model_name, layers, r, full=full, target_s=args.target_s,
-                                         rounds=args.rounds, log=log)
+                                         rounds=args.rounds, log=log, x_choices=xs, bf16=bf16)
       result["update"] += rows
       result["ratios"] += ratios
+      _checkpoint(result, args)
   if "scaling" in args.sections:
     result["scaling"] = bench_scaling(args, log)
+    _checkpoint(result, args)
   if "memory" in args.sections and args.memory_layers > 0:
     compile_layers = args.memory_compile_layers or max(args.full_llama_layers, 1)
     result["memory"] = bench_memory(args.memory_model, args.memory_layers, compile_layers,
@@ -444,17 +471,16 @@ def main(argv=None):
   table = format_tables(result)
   print(table)
   os.makedirs(args.out_dir, exist_ok=True)
-  tag = args.tag or ("smoke" if args.smoke else result["device"]["platform"])
-  json_path = os.path.join(args.out_dir, f"{tag}.json")
+  json_path, txt_path = _out_paths(args, result)
   with open(json_path, "w") as f:
     json.dump(result, f, indent=1, default=str)
-  with open(os.path.join(args.out_dir, f"{tag}.txt"), "w") as f:
+  with open(txt_path, "w") as f:
     f.write(table + "\n")
   log(f"wrote {json_path}")
   if not args.no_plot:
     try:
       from benchmarks import plot
-      png = plot.plot(result, os.path.join(args.out_dir, f"{tag}.png"))
+      png = plot.plot(result, json_path[:-len(".json")] + ".png")
       log(f"wrote {png}")
     except ImportError as e:
       log(f"no plot ({e}); pip install matplotlib")

@@ -134,7 +134,8 @@ def measure(runners: Sequence, *, warmup: int = 2, rounds: int = 5,
   """
   est = {}
   for r in runners:
-    for _ in range(max(warmup, 1)):
+    est[r.name] = r.call()
+    for _ in range(warmup - 1 if est[r.name] < 0.5 else 0):  # slow steps: one warm-up call
       est[r.name] = r.call()
   reps = {r.name: int(np.clip(target_s / max(est[r.name], 1e-6), min_reps, max_reps))
           for r in runners}
