@@ -145,17 +145,17 @@ def test_per_layer_scale_callable_with_different_ranks(x64, rng):
 
 
 def test_scale_array_broadcasts_over_batch_axes(x64, rng):
-  L, n, r, m = 3, 5, 2, 7
+  L, n, r, m = 4, 5, 2, 7
   a, b = rng.standard_normal((L, n, r)), rng.standard_normal((L, r, m))
   ga, gb = rng.standard_normal((L, n, r)), rng.standard_normal((L, r, m))
-  s = np.array([0.5, 1.0, 4.0])
+  s = np.array([0.5, 1.0, 4.0, 0.25])
   u = _update(lpj.lorapro(jnp.asarray(s), damping=TINY_DAMPING),
               {"l": {"lora_a": ga, "lora_b": gb}}, {"l": {"lora_a": a, "lora_b": b}})
   for i in range(L):
     wa, wb = _ref_flax(a[i], b[i], ga[i], gb[i], s[i])
     _close(u["l"]["lora_a"][i], wa)
     _close(u["l"]["lora_b"][i], wb)
-  with pytest.raises(ValueError, match=r"scale for LoRA pair l has shape \(2,\).*\(3,\)"):
+  with pytest.raises(ValueError, match=r"scale for LoRA pair l has shape \(2,\).*\(4,\)"):
     _update(lpj.lorapro(jnp.ones(2)), {"l": {"lora_a": ga, "lora_b": gb}},
             {"l": {"lora_a": a, "lora_b": b}})
 

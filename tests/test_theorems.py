@@ -300,6 +300,22 @@ def test_degenerate_and_extreme_factors_are_finite_float32(case, x_choice):
     assert np.all(np.isfinite(oA)) and np.all(np.isfinite(oB)), case
 
 
+@pytest.mark.parametrize("case", list(_finite_cases(np.random.default_rng(0))))
+def test_degenerate_and_extreme_factors_are_finite_full_mode_float32(case):
+  """Full mode (Alg. 3), two steps, with the same degenerate and extreme factors."""
+  rng = np.random.default_rng(71)
+  A, B = _finite_cases(rng)[case]
+  g = rng.standard_normal((B.shape[0], A.shape[1]))
+  gA, gB = ref.lora_gradients(g, A, B, 2.0)
+  params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), pair_tree(A, B, "flax"))
+  grads = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), pair_tree(gA, gB, "flax"))
+  tx = lpj.lorapro(2.0, mode="full")
+  state = tx.init(params)
+  for _ in range(2):
+    u, state = tx.update(grads, state, params)
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves((u, state))), case
+
+
 @pytest.mark.parametrize("scale_exp", [-20, 20])
 def test_extreme_scales_still_solve_theorem_2_1_float32(scale_exp):
   """Scale normalisation: A, B of magnitude 1e±20 in float32 give the same

@@ -221,7 +221,7 @@ def _ref_pair_update(mode, a, b, ga, gb, s, x_choice="sylvester", steps=1):
 
 
 @pytest.mark.parametrize("mode", ["efficient", "full"])
-@pytest.mark.parametrize("batch", [(3,), (2, 2)])
+@pytest.mark.parametrize("batch", [(4,), (2, 2)])  # both flatten to N = 4: shared compiles
 def test_stacked_leaves_equal_per_slice(x64, mode, batch):
   n, r, m, s = 5, 2, 7, 1.5
   rng = np.random.default_rng(10)
@@ -255,7 +255,6 @@ def _mixed_tree(rng, dtype=np.float64):
       "p3": pair(9, 2, 4),  # same rank, other shape: same eigh bucket
       "p4": pair(5, 3, 7),  # other rank
       "p5": pair(5, 2, 7, (3,)),  # stacked, per-slice shape of p1: same group
-      "p6": pair(4, 1, 6, (2, 2)),  # rank 1, two batch axes
       "peft": {"lora_A": rng.standard_normal((2, 7)).astype(dtype),  # paper layout of p1
                "lora_B": rng.standard_normal((7, 2)).astype(dtype)},
       "bias": rng.standard_normal((7,)).astype(dtype),
@@ -273,7 +272,7 @@ def test_mixed_pairs_in_one_tree_equal_reference_per_pair(x64, mode, x_choice):
                    moment_dtype=jnp.float64, pairs=(lpj.FLAX_NNX, lpj.PEFT))
   jp, jg = jax.tree.map(jnp.asarray, params), jax.tree.map(jnp.asarray, grads)
   u, _ = tx.update(jg, tx.init(jp), jp)
-  for key in ("p1", "p2", "p3", "p4", "p5", "p6"):
+  for key in ("p1", "p2", "p3", "p4", "p5"):
     a, b = params[key]["lora_a"], params[key]["lora_b"]
     ga, gb = grads[key]["lora_a"], grads[key]["lora_b"]
     s = 4.0 / a.shape[-1]
@@ -298,7 +297,7 @@ def test_mixed_pairs_in_one_tree_equal_reference_per_pair(x64, mode, x_choice):
 @pytest.mark.parametrize("mode", ["efficient", "full"])
 def test_jit_traces_once_and_needs_no_host_sync(mode, rng):
   tree = _mixed_tree(rng, np.float32)
-  params = jax.tree.map(jnp.asarray, {k: tree[k] for k in ("p1", "p4", "p5", "peft", "bias")})
+  params = jax.tree.map(jnp.asarray, {k: tree[k] for k in ("p1", "p4", "peft", "bias")})
   tx = lpj.lorapro_adamw(1e-2, scale=2.0, mode=mode, pairs=(lpj.FLAX_NNX, lpj.PEFT))
   traces = []
 
@@ -335,10 +334,11 @@ def test_multisteps_accumulates_then_applies_once(x64, mode, rng):
   make = lambda: lpj.lorapro_adamw(1e-2, scale=2.0, mode=mode, weight_decay=0.1,
                                    moment_dtype=jnp.float64, damping=TINY_DAMPING)
   ms = optax.MultiSteps(make(), every_k_schedule=2)
+  update = jax.jit(ms.update)  # one compilation for both calls (lax.cond inside)
   st = ms.init(params)
-  u1, st = ms.update(g1, st, params)
+  u1, st = update(g1, st, params)
   chex.assert_trees_all_equal(u1, jax.tree.map(jnp.zeros_like, params))
-  u2, st = ms.update(g2, st, params)
+  u2, st = update(g2, st, params)
   inner = make()
   mean = jax.tree.map(lambda a, b: (a + b) / 2, g1, g2)
   want, _ = inner.update(mean, inner.init(params), params)
