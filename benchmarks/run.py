@@ -314,7 +314,7 @@ def format_tables(result) -> str:
                  f"{f'temp MiB L{cl}':>13} {'temp MiB/layer':>15}")
     base = next(r["state_bytes"] for r in mem if r["variant"] == "adamw")
     for r in mem:
-      lines.append(f"{r['variant']:<26} {_mib(r['param_bytes']):>11} {_mib(r['state_bytes']):>11} "
+      lines.append(f"{r['variant']:<26} {_mib(r.get('param_bytes')):>11} {_mib(r['state_bytes']):>11} "
                    f"{r['state_bytes'] / base:>8.1f} {_mib(r['compiled_temp_size_in_bytes']):>13} "
                    f"{_mib(r['temp_per_layer_bytes']):>15}")
     lines.append("")
