@@ -80,8 +80,14 @@ def inverse(eig: DampedEig) -> Array:
   return (eig.Q / eig.w[..., None, :]) @ jnp.swapaxes(eig.Q, -1, -2)
 
 
-def lora_gradients(g: Array, A: Array, B: Array, s: Array):
-  """Eq. (5), and Eq. (56) for g = g̃^AdamW: g_lora^A = s·Bᵀg, g_lora^B = s·g·Aᵀ."""
+def lora_gradients(g: Array, A: Array, B: Array, s: Array, *, transposed=False):
+  """Eq. (5), and Eq. (56) for g = g̃^AdamW: g_lora^A = s·Bᵀg, g_lora^B = s·g·Aᵀ.
+
+  ``transposed=True`` takes gᵀ (n×m, the layout of an (in, out) kernel), so an
+  m×n array is never transposed: only the r-sized results are.
+  """
+  if transposed:
+    return s * (g @ B).T, s * (A @ g).T
   return s * (B.T @ g), s * (g @ A.T)
 
 
@@ -139,6 +145,12 @@ def adjusted_gradients(g_lora_A: Array, g_lora_B: Array, A: Normalised,
 
 
 def equivalent_gradient(g_A: Array, g_B: Array, A: Array, B: Array,
-                        s: Array) -> Array:
-  """Definition 1 / Eq. (55): g̃ = s·B·g^A + s·g^B·A (m×n), as one matmul."""
-  return s * (jnp.concatenate([B, g_B], -1) @ jnp.concatenate([g_A, A], -2))
+                        s: Array, *, transposed=False) -> Array:
+  """Definition 1 / Eq. (55): g̃ = s·B·g^A + s·g^B·A (m×n), as one matmul.
+
+  ``transposed=True`` returns g̃ᵀ (n×m) directly, for (in, out) kernels:
+  transposing the m×n result instead would cost a strided pass over it.
+  """
+  left = jnp.concatenate([B, g_B], -1)  # m×2r
+  right = jnp.concatenate([g_A, A], -2)  # 2r×n
+  return s * (right.T @ left.T) if transposed else s * (left @ right)

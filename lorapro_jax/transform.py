@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 from typing import Any, Callable, Literal, NamedTuple, Optional, Union
 
 import jax
@@ -353,14 +354,17 @@ def lorapro(
     proj_A, proj_B = [], []
     for k, (f, ga, gb) in enumerate(zip(P.found, P.prep.split(gA0), P.prep.split(gB0))):
       A, B, s = P.A[k], P.B[k], P.s[k]
-      g_tilde = jax.vmap(eq.equivalent_gradient)(ga, gb, A, B, s)
-      g_tilde = pairs_lib.from_paper(g_tilde, f.layout).reshape(_moment_shape(f))
+      # The moments are laid out like the adapted weight: (in, out) kernels for
+      # the flax layout, so g̃ is formed and consumed transposed there.
+      kernel = f.layout == "flax"
+      g_tilde = jax.vmap(partial(eq.equivalent_gradient, transposed=kernel))(ga, gb, A, B, s)
+      g_tilde = g_tilde.reshape(_moment_shape(f))
       # Lines 9-13: Adam on the m×n equivalent gradient.
       d, mu[f.a_index], nu[f.a_index] = _adam_direction(
           g_tilde, mu[f.a_index], nu[f.a_index], count, b1, b2, eps, moment_dtype)
-      d = pairs_lib.to_paper(d.astype(A.dtype), f.layout).reshape(-1, f.m, f.n)
+      d = d.astype(A.dtype).reshape((-1,) + _moment_shape(f)[-2:])
       # Lines 14-15, Eq. (56): back to LoRA gradients.
-      pa, pb = jax.vmap(eq.lora_gradients)(d, A, B, s)
+      pa, pb = jax.vmap(partial(eq.lora_gradients, transposed=kernel))(d, A, B, s)
       proj_A.append(pa)
       proj_B.append(pb)
     # Lines 16-18: Theorem 2.1 with the chosen X.
