@@ -32,7 +32,7 @@ from flax import nnx
 
 import lorapro_jax as lpj
 
-N_IN, OUT1, OUT2, RANK = 32, 32, 24, 4
+N_IN, OUT1, OUT2, RANK = 32, 32, 32, 4  # equal shapes: one concatenated group, faster compile
 STEPS, LR, N_DATA, COND = 200, 3e-3, 256, 100.0
 SEEDS = (0, 1, 2)
 
@@ -137,8 +137,8 @@ def test_efficient_and_full_beat_lora_from_nonzero_b(losses):
   lora = losses["lora"][0.3]
   eff, full = losses["efficient"][0.3], losses["full"][0.3]
   assert np.all(eff < 0.5 * lora), (eff, lora)
-  # Margins over seeds 0-8: efficient ≤ 0.15×, full ≤ 0.64× LoRA's loss.
-  assert np.all(full < 0.75 * lora), (full, lora)
+  # Margins over seeds 0-8: efficient ≤ 0.28×, full ≤ 0.31× LoRA's loss.
+  assert np.all(full < 0.5 * lora), (full, lora)
 
 
 def test_optimizer_updates_only_lora_params_and_keeps_structure():
@@ -172,4 +172,4 @@ if __name__ == "__main__":  # prints the margins: python tests/test_nnx_end_to_e
       "efficient": optax.chain(lpj.lorapro(1.0), optax.adamw(LR, weight_decay=0.0)),
       "full": lpj.lorapro_adamw(LR, mode="full", weight_decay=0.0)}.items()}
   for b_std in B_STDS:
-    print(f"B init std {b_std}:", {k: np.round(v[b_std] / res["lora"][b_std], 4) for k, v in res.items()})
+    print(f"B init std {b_std}:", {k: v[b_std] / res["lora"][b_std] for k, v in res.items()})

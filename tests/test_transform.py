@@ -297,7 +297,8 @@ def test_mixed_pairs_in_one_tree_equal_reference_per_pair(x64, mode, x_choice):
 @pytest.mark.parametrize("mode", ["efficient", "full"])
 def test_jit_traces_once_and_needs_no_host_sync(mode, rng):
   tree = _mixed_tree(rng, np.float32)
-  params = jax.tree.map(jnp.asarray, {k: tree[k] for k in ("p1", "p4", "peft", "bias")})
+  # Two pairs of one (m, n, r) in both layouts, concatenated into one group.
+  params = jax.tree.map(jnp.asarray, {k: tree[k] for k in ("p1", "peft", "bias")})
   tx = lpj.lorapro_adamw(1e-2, scale=2.0, mode=mode, pairs=(lpj.FLAX_NNX, lpj.PEFT))
   traces = []
 
