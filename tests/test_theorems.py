@@ -17,8 +17,7 @@ from hypothesis import strategies as st
 
 import lorapro_jax as lpj
 import reference as ref
-from conftest import (TINY_DAMPING, get_pair, pair_tree, pairs_arg, random_pair, run_lorapro,
-                      to_layout)
+from conftest import pair_tree, pairs_arg, random_pair, run_lorapro
 
 X_CHOICES = ("sylvester", "zero", "symmetric")
 LAYOUTS = ("flax", "paper")

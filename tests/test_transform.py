@@ -13,7 +13,7 @@ import pytest
 
 import lorapro_jax as lpj
 import reference as ref
-from conftest import (TINY_DAMPING, get_pair, pair_tree, pairs_arg, random_pair, run_lorapro)
+from conftest import TINY_DAMPING, get_pair, pair_tree, pairs_arg
 
 X_CHOICES = ("sylvester", "zero", "symmetric")
 LAYOUTS = ("flax", "paper")
