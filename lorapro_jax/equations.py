@@ -15,9 +15,10 @@ equations while computing the same quantities:
   1e-30 to 1e30 neither overflow nor underflow. X is carried as
   Y = α·β·X, the quantity that multiplies Â and B̂.
 * **Damping.** Each normalised Gram matrix G is replaced by G + δ·(tr G / r)·I
-  (Tikhonov damping relative to its mean eigenvalue; an all-zero matrix gets
-  G + I). This bounds every inverse, keeps B = 0 (LoRA's initialisation) well
-  defined, and changes a well-conditioned problem by a relative O(δ·cond).
+  (Tikhonov damping relative to its mean eigenvalue; an all-zero matrix, as
+  B = 0 at LoRA's initialisation, is inverted as zero, its pseudo-inverse).
+  This bounds every inverse and changes a well-conditioned problem by a
+  relative O(δ·cond).
 * **One eigendecomposition per Gram matrix.** Ĝ = Q·diag(w)·Qᵀ gives the
   inverse and diagonalises the Sylvester equation (15), whose solution is then
   an elementwise division (Bartels-Stewart with symmetric factors).
@@ -71,8 +72,10 @@ def damped_eigh(G: Array, damping: Array | float) -> DampedEig:
   w, Q = jnp.linalg.eigh(G)
   w = jnp.maximum(w, 0)
   mean = jnp.mean(w, axis=-1, keepdims=True)
-  shift = jnp.where(mean > 0, damping * mean, jnp.ones_like(mean))
-  return DampedEig(w + shift, Q)
+  # An all-zero Gram matrix (B = 0 or A = 0) gets the largest finite
+  # eigenvalues, so that its inverse is 0: the pseudo-inverse of zero.
+  big = jnp.full_like(mean, jnp.finfo(w.dtype).max)
+  return DampedEig(jnp.where(mean > 0, w + damping * mean, big), Q)
 
 
 def inverse(eig: DampedEig) -> Array:

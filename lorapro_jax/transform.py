@@ -137,15 +137,16 @@ def _check_positive(name, value):
     raise ValueError(f"{name} must be positive, got {value!r}")
 
 
-def _adam_direction(g, mu, nu, count, b1, b2, eps, moment_dtype):
+def _adam_direction(g, mu, nu, count, b1, b2, eps):
   """Bias-corrected Adam direction m̂/(√v̂ + ε) (Alg. 3, lines 9-13)."""
+  stored = mu.dtype  # moment_dtype, fixed at init
   dt = batched.compute_dtype(g, mu)
   g = g.astype(dt)
   mu = b1 * mu.astype(dt) + (1 - b1) * g
   nu = b2 * nu.astype(dt) + (1 - b2) * g * g
   t = count.astype(dt)
   direction = (mu / (1 - b1**t)) / (jnp.sqrt(nu / (1 - b2**t)) + eps)
-  return direction, mu.astype(moment_dtype), nu.astype(moment_dtype)
+  return direction, mu.astype(stored), nu.astype(stored)
 
 
 def _moment_shape(f: pairs_lib.FoundPair):
@@ -271,8 +272,8 @@ def lorapro(
     b1: full mode: decay of the first moment.
     b2: full mode: decay of the second moment.
     eps: full mode: added to the root of the second moment.
-    moment_dtype: full mode: dtype of the moments (default float32; bfloat16
-      halves their memory).
+    moment_dtype: full mode: dtype of the moments (default float32, or
+      float64 for float64 parameters; bfloat16 halves their memory).
     pairs: which leaves form pairs: a `LoRASpec` (default ``FLAX_NNX``:
       siblings ``lora_a`` (..., in, r) and ``lora_b`` (..., r, out)), a
       sequence of them (e.g. ``(FLAX_NNX, QWIX)``), or a callable
@@ -299,7 +300,7 @@ def lorapro(
   _check_options(mode, x_choice)
   for name, v in (("damping", damping), ("eps", eps)):
     _check_positive(name, v)
-  moment_dtype = jnp.dtype(moment_dtype or jnp.float32)
+  moment_dtype_of = lambda *xs: jnp.dtype(moment_dtype or batched.compute_dtype(*xs))
 
   def adjusted_updates(updates, params):
     if params is None:
@@ -320,10 +321,10 @@ def lorapro(
     found = pairs_lib.find_pairs(params, pairs)
     leaves, treedef = jax.tree.flatten(params)
     # zeros_like keeps the sharding of a concrete sharded leaf, as optax.adam does.
-    moments = [jnp.zeros_like(x, dtype=moment_dtype) for x in leaves]
+    moments = [jnp.zeros_like(x, dtype=moment_dtype_of(x)) for x in leaves]
     for f in found:
       moments[f.a_index] = jnp.zeros(
-          _moment_shape(f), moment_dtype,
+          _moment_shape(f), moment_dtype_of(leaves[f.a_index], leaves[f.b_index]),
           device=_moment_sharding(f, leaves[f.a_index], leaves[f.b_index]))
       moments[f.b_index] = PairedSlot()
     mu = jax.tree.unflatten(treedef, moments)
@@ -346,7 +347,7 @@ def lorapro(
     out = list(u_leaves)
     for i, u in enumerate(u_leaves):  # ordinary Adam on leaves outside pairs
       if i not in paired:
-        d, mu[i], nu[i] = _adam_direction(u, mu[i], nu[i], count, b1, b2, eps, moment_dtype)
+        d, mu[i], nu[i] = _adam_direction(u, mu[i], nu[i], count, b1, b2, eps)
         out[i] = d.astype(jnp.result_type(u))
 
     # Alg. 3 lines 6-8: equivalent gradient of the X = 0 adjustment.
@@ -361,7 +362,7 @@ def lorapro(
       g_tilde = g_tilde.reshape(_moment_shape(f))
       # Lines 9-13: Adam on the m×n equivalent gradient.
       d, mu[f.a_index], nu[f.a_index] = _adam_direction(
-          g_tilde, mu[f.a_index], nu[f.a_index], count, b1, b2, eps, moment_dtype)
+          g_tilde, mu[f.a_index], nu[f.a_index], count, b1, b2, eps)
       d = d.astype(A.dtype).reshape((-1,) + _moment_shape(f)[-2:])
       # Lines 14-15, Eq. (56): back to LoRA gradients.
       pa, pb = jax.vmap(partial(eq.lora_gradients, transposed=kernel))(d, A, B, s)
