@@ -121,12 +121,18 @@ def prepare(As: Sequence[jax.Array], Bs: Sequence[jax.Array],
   return Prepared(groups, buckets, len(As))
 
 
+def _unit(M: eq.Normalised) -> eq.Normalised:
+  """M's normalised factor with scale 1: its scale is applied later."""
+  return eq.Normalised(M.hat, jnp.ones_like(M.scale))
+
+
 def _sylvester_Y(prep: Prepared, gA: Sequence[jax.Array]) -> list[jax.Array]:
-  """Y = α·β·X of Theorem 2.3 for every group, one batched solve per rank."""
+  """β·Y = α·β²·X of Theorem 2.3 for every group, one batched solve per rank."""
   Ys = [None] * len(prep.groups)
   for gis in prep.buckets.values():
     grps = [prep.groups[g] for g in gis]
-    C = _cat([_vmap_rhs(gA[g], grp.A, grp.B, grp.G_B_inv, grp.s) for g, grp in zip(gis, grps)])
+    C = _cat([_vmap_rhs(gA[g], grp.A, _unit(grp.B), grp.G_B_inv, grp.s)
+              for g, grp in zip(gis, grps)])
     ratio = _cat([(grp.B.scale / grp.A.scale) ** 2 for grp in grps])
     eig_B = eq.DampedEig(*(_cat(x) for x in zip(*(grp.eig_B for grp in grps))))
     eig_A = eq.DampedEig(*(_cat(x) for x in zip(*(grp.eig_A for grp in grps))))
@@ -136,18 +142,42 @@ def _sylvester_Y(prep: Prepared, gA: Sequence[jax.Array]) -> list[jax.Array]:
   return Ys
 
 
+def _max_abs(ga, gb):
+  """max(|g_lora^A|, |g_lora^B|) of every slice, (N, 1, 1)."""
+  m = lambda g: jnp.max(jnp.abs(g), axis=(1, 2), keepdims=True)
+  return jnp.maximum(m(ga), m(gb))
+
+
 def adjust(prep: Prepared, gA: Sequence[jax.Array], gB: Sequence[jax.Array],
            x_choice: XChoice) -> tuple[list[jax.Array], list[jax.Array]]:
-  """Theorem 2.1 for every group (inputs and outputs batched per group)."""
-  if x_choice == "sylvester":
+  """Theorem 2.1 for every group (inputs and outputs batched per group).
+
+  The map is linear in the gradients: each slice's pair is divided by its
+  largest entry γ, and γ and the factors' scales α, β are applied last
+  (`equations.adjusted_gradients`), so no finite input overflows midway and
+  an output beyond the dtype's range saturates. A slice with a NaN or Inf
+  gradient returns NaN in both of its outputs, which propagates like
+  optax's own transformations.
+  """
+  gammas = [_max_abs(ga, gb) for ga, gb in zip(gA, gB)]
+  finite = [jnp.isfinite(g) for g in gammas]
+  gammas = [jnp.where(ok & (g > 0), g, jnp.ones_like(g)) for ok, g in zip(finite, gammas)]
+  gA = [ga / g for ga, g in zip(gA, gammas)]
+  gB = [gb / g for gb, g in zip(gB, gammas)]
+  if x_choice == "sylvester":  # Y passed as β·Y
     Ys = _sylvester_Y(prep, gA)
-  elif x_choice == "symmetric":
-    Ys = [_vmap_sym(gb, grp.A, grp.B, grp.G_A_inv, grp.G_B_inv, grp.s)
+    y_divs = [grp.B.scale for grp in prep.groups]
+  elif x_choice == "symmetric":  # Y passed as α·Y
+    Ys = [_vmap_sym(gb, _unit(grp.A), grp.B, grp.G_A_inv, grp.G_B_inv, grp.s)
           for gb, grp in zip(gB, prep.groups)]
+    y_divs = [grp.A.scale for grp in prep.groups]
   elif x_choice == "zero":
     Ys = [jnp.zeros_like(grp.G_A_inv) for grp in prep.groups]
+    y_divs = [jnp.ones_like(grp.s) for grp in prep.groups]
   else:
     raise ValueError(f"x_choice must be one of {X_CHOICES}, got {x_choice!r}")
-  out = [_vmap_adjust(ga, gb, grp.A, grp.B, grp.G_A_inv, grp.G_B_inv, Y, grp.s)
-         for ga, gb, Y, grp in zip(gA, gB, Ys, prep.groups)]
-  return [o[0] for o in out], [o[1] for o in out]
+  out = [_vmap_adjust(ga, gb, grp.A, grp.B, grp.G_A_inv, grp.G_B_inv, Y, grp.s, d, g[:, 0, 0])
+         for ga, gb, Y, d, g, grp in zip(gA, gB, Ys, y_divs, gammas, prep.groups)]
+  nan = lambda x, ok: jnp.where(ok, x, jnp.nan)
+  return ([nan(o[0], ok) for o, ok in zip(out, finite)],
+          [nan(o[1], ok) for o, ok in zip(out, finite)])

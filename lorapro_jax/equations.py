@@ -129,9 +129,16 @@ def x_symmetric(g_lora_B: Array, A: Normalised, B: Normalised,
   return -(G_B_inv @ (B.hat.T @ (g_lora_B / A.scale)) @ G_A_inv) / (2 * s**2)
 
 
+def saturate(x: Array) -> Array:
+  """Clips to the finite range of x's dtype; NaN stays NaN."""
+  big = jnp.finfo(x.dtype).max
+  return jnp.clip(x, -big, big)
+
+
 def adjusted_gradients(g_lora_A: Array, g_lora_B: Array, A: Normalised,
                        B: Normalised, G_A_inv: Array, G_B_inv: Array,
-                       Y: Array, s: Array) -> tuple[Array, Array]:
+                       Y: Array, s: Array, y_div: Array | float = 1.0,
+                       gamma: Array | float = 1.0) -> tuple[Array, Array]:
   """Theorem 2.1, Eq. (8) and (10):
 
     g^A = (1/s²)(BᵀB)⁻¹ g_lora^A + X·A
@@ -139,12 +146,20 @@ def adjusted_gradients(g_lora_A: Array, g_lora_B: Array, A: Normalised,
 
   written with B = β·B̂, A = α·Â, X = Y/(αβ), and without forming the m×m
   projector: every product costs O((m + n)·r²).
+
+  The gradients may be passed divided by γ and Y by γ/y_div (as
+  `lorapro_jax.batched.adjust` does, so that they are at most 1): each term is
+  formed from these, then multiplied by γ and divided by α or β last, and
+  saturated. A result beyond the dtype's range (e.g. g_lora^A / β² for a tiny
+  β) becomes ±max, never Inf or NaN.
   """
   a, b = A.scale, B.scale
-  g_A = ((G_B_inv @ (g_lora_A / b)) / s**2 + Y @ A.hat) / b
-  T = ((g_lora_B / a) @ G_A_inv) / s**2
-  g_B = (T - B.hat @ (G_B_inv @ (B.hat.T @ T) + Y)) / a
-  return g_A, g_B
+  scaled = lambda x, d1, d2: saturate(x * gamma / d1 / d2)
+  g_A = scaled((G_B_inv @ g_lora_A) / s**2, b, b) + scaled(Y @ A.hat, y_div, b)
+  T = (g_lora_B @ G_A_inv) / s**2
+  g_B = (scaled(T - B.hat @ (G_B_inv @ (B.hat.T @ T)), a, a)
+         - scaled(B.hat @ Y, y_div, a))
+  return saturate(g_A), saturate(g_B)
 
 
 def equivalent_gradient(g_A: Array, g_B: Array, A: Array, B: Array,

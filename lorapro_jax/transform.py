@@ -137,16 +137,38 @@ def _check_positive(name, value):
     raise ValueError(f"{name} must be positive, got {value!r}")
 
 
-def _adam_direction(g, mu, nu, count, b1, b2, eps):
-  """Bias-corrected Adam direction m̂/(√v̂ + ε) (Alg. 3, lines 9-13)."""
+def _adam_direction(g, mu, nu, count, b1, b2, eps, saturating=False):
+  """Bias-corrected Adam direction m̂/(√v̂ + ε) (Alg. 3, lines 9-13).
+
+  ``saturating`` (for a pair's g̃, which is finite or NaN): the moments and the
+  direction saturate instead of overflowing (g̃² beyond the range would make v
+  Inf and the direction 0). Other leaves overflow and propagate Inf as optax does.
+  """
   stored = mu.dtype  # moment_dtype, fixed at init
   dt = batched.compute_dtype(g, mu)
   g = g.astype(dt)
   mu = b1 * mu.astype(dt) + (1 - b1) * g
   nu = b2 * nu.astype(dt) + (1 - b2) * g * g
   t = count.astype(dt)
+  if saturating:
+    mu, nu = eq.saturate(mu), eq.saturate(nu)
+    direction = eq.saturate(mu / (1 - b1**t)) / (jnp.sqrt(nu) / jnp.sqrt(1 - b2**t) + eps)
+    return direction, _saturating_cast(mu, stored), _saturating_cast(nu, stored)
   direction = (mu / (1 - b1**t)) / (jnp.sqrt(nu / (1 - b2**t)) + eps)
   return direction, mu.astype(stored), nu.astype(stored)
+
+
+def _equivalent_gradient(g_A, g_B, A: eq.Normalised, B: eq.Normalised, s, transposed):
+  """Eq. (55), g̃ = s·β·B̂·g^A + s·α·g^B·Â, without overflowing midway: both
+  terms are formed at most 1 in size and their common scale applied last,
+  saturating. g^A, g^B are finite (saturated) or NaN."""
+  a, b = eq.normalise(g_A), eq.normalise(g_B)
+  c_A, c_B = eq.saturate(s * B.scale * a.scale), eq.saturate(s * A.scale * b.scale)
+  c = jnp.maximum(c_A, c_B)
+  c = jnp.where(c > 0, c, jnp.ones_like(c))
+  g = eq.equivalent_gradient(a.hat * (c_A / c), b.hat * (c_B / c), A.hat, B.hat, 1.0,
+                             transposed=transposed)
+  return eq.saturate(g * c)
 
 
 def _moment_shape(f: pairs_lib.FoundPair):
@@ -353,21 +375,23 @@ def lorapro(
     # Alg. 3 lines 6-8: equivalent gradient of the X = 0 adjustment.
     gA0, gB0 = batched.adjust(P.prep, P.prep.gather(P.gA), P.prep.gather(P.gB), "zero")
     proj_A, proj_B = [], []
+    split = lambda x, field: P.prep.split([getattr(getattr(g, x), field) for g in P.prep.groups])
+    normalised = [list(map(eq.Normalised, split(x, "hat"), split(x, "scale"))) for x in "AB"]
     for k, (f, ga, gb) in enumerate(zip(P.found, P.prep.split(gA0), P.prep.split(gB0))):
-      A, B, s = P.A[k], P.B[k], P.s[k]
+      A, B, s = normalised[0][k], normalised[1][k], P.s[k]
       # The moments are laid out like the adapted weight: (in, out) kernels for
       # the flax layout, so g̃ is formed and consumed transposed there.
       kernel = f.layout == "flax"
-      g_tilde = jax.vmap(partial(eq.equivalent_gradient, transposed=kernel))(ga, gb, A, B, s)
+      g_tilde = jax.vmap(partial(_equivalent_gradient, transposed=kernel))(ga, gb, A, B, s)
       g_tilde = g_tilde.reshape(_moment_shape(f))
       # Lines 9-13: Adam on the m×n equivalent gradient.
       d, mu[f.a_index], nu[f.a_index] = _adam_direction(
-          g_tilde, mu[f.a_index], nu[f.a_index], count, b1, b2, eps)
-      d = d.astype(A.dtype).reshape((-1,) + _moment_shape(f)[-2:])
-      # Lines 14-15, Eq. (56): back to LoRA gradients.
-      pa, pb = jax.vmap(partial(eq.lora_gradients, transposed=kernel))(d, A, B, s)
-      proj_A.append(pa)
-      proj_B.append(pb)
+          g_tilde, mu[f.a_index], nu[f.a_index], count, b1, b2, eps, saturating=True)
+      d = d.astype(A.hat.dtype).reshape((-1,) + _moment_shape(f)[-2:])
+      # Lines 14-15, Eq. (56): back to LoRA gradients, s·Bᵀd = β·(s·B̂ᵀd) etc.
+      pa, pb = jax.vmap(partial(eq.lora_gradients, transposed=kernel))(d, A.hat, B.hat, s)
+      proj_A.append(eq.saturate(pa * B.scale[:, None, None]))
+      proj_B.append(eq.saturate(pb * A.scale[:, None, None]))
     # Lines 16-18: Theorem 2.1 with the chosen X.
     gA, gB = batched.adjust(P.prep, P.prep.gather(proj_A), P.prep.gather(proj_B), x_choice)
     out = P.write(out, P.prep.split(gA), P.prep.split(gB))
