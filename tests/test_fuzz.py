@@ -1,0 +1,235 @@
+"""Property-based fuzzing of `lorapro` with hostile inputs (hypothesis).
+
+Shapes (r from 1 to beyond min(m, n), m or n equal to 1, stacked axes),
+magnitudes from 1e-30 to 1e30 (float16: its own range, subnormals included),
+dtypes float16, bfloat16, float32 and float64 (under an x64 context), zero,
+rank-deficient and one-hot factors, consistent (from one full gradient g) or
+arbitrary LoRA gradients. Properties, in both modes and for every x_choice:
+
+* finite inputs never give NaN or Inf (updates and full-mode moments);
+* for consistent gradients g_lora = (s·Bᵀg, s·g·Aᵀ) the adjusted pair is a
+  descent direction, <g_lora^A, g^A> + <g_lora^B, g^B> >= 0 up to rounding,
+  whenever both Gram matrices are well conditioned and no output saturated.
+  (The X terms cancel exactly for consistent gradients: <g_lora^A, X·A> =
+  <g_lora^B, B·X> = s·tr(X·A·gᵀ·B); what remains is a sum of PSD forms.)
+
+The default profile runs a modest number of examples over a small pool of
+shapes (every new shape compiles). A larger campaign:
+
+    LORAPRO_FUZZ_EXAMPLES=2000 python -m pytest tests/test_fuzz.py -q
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import optax
+import pytest
+from hypothesis import HealthCheck, assume, given, settings, strategies as st
+
+import lorapro_jax as lpj
+
+MAX_EXAMPLES = int(os.environ.get("LORAPRO_FUZZ_EXAMPLES", "25"))
+FUZZ = settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize="LORAPRO_FUZZ_EXAMPLES"
+                not in os.environ,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+
+# (batch shape, m, n, r): r = 1, r > min(m, n), m = 1, n = 1, stacked axes.
+# Each shape compiles once per compute dtype (float32, float64; several seconds),
+# so the default pool is small; a campaign adds more.
+SHAPES = [((), 5, 4, 1), ((2,), 1, 5, 2), ((), 6, 1, 3), ((2, 1), 3, 4, 5)]
+if "LORAPRO_FUZZ_EXAMPLES" in os.environ:
+  SHAPES += [((), 1, 1, 1), ((), 3, 6, 4), ((), 2, 9, 2), ((3,), 7, 9, 12), ((), 16, 12, 8)]
+DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.float32,
+          "float64": np.float64}
+# Decimal exponents of the magnitudes: 1e-30 .. 1e30, float16 its range (subnormals from 6e-8).
+EXPONENTS = {"float16": (-7, 3), "bfloat16": (-30, 30), "float32": (-30, 30),
+             "float64": (-30, 30)}
+KINDS = ("normal", "normal", "zero", "rank_deficient", "one_hot")
+
+
+def _factor(rng, kind, shape, r_axis):
+  """A (..., r, n) or B (..., m, r) of unit scale in the paper layout."""
+  if kind == "zero":
+    return np.zeros(shape)
+  if kind == "one_hot":
+    x = np.zeros(shape)
+    x.reshape(-1, *shape[-2:])[:, 0, 0] = 1.0
+    return x
+  x = rng.standard_normal(shape)
+  if kind == "rank_deficient":  # rank r - 1 (rank 0 for r = 1)
+    index = [slice(None)] * len(shape)
+    index[r_axis] = slice(-1, None)
+    x[tuple(index)] = 0.0
+    if shape[r_axis] > 1:  # and not just a zero row: make one direction a combination
+      other = list(index)
+      other[r_axis] = slice(0, 1)
+      x[tuple(index)] = 2.0 * x[tuple(other)]
+  return x
+
+
+@st.composite
+def cases(draw):
+  batch, m, n, r = draw(st.sampled_from(SHAPES))
+  dtype = draw(st.sampled_from(sorted(DTYPES)))
+  lo, hi = EXPONENTS[dtype]
+  exps = [draw(st.integers(lo, hi)) for _ in range(3)]
+  return {
+      "batch": batch, "m": m, "n": n, "r": r, "dtype": dtype,
+      "kind_a": draw(st.sampled_from(KINDS)), "kind_b": draw(st.sampled_from(KINDS)),
+      "scale_a": 10.0**exps[0], "scale_b": 10.0**exps[1], "scale_g": 10.0**exps[2],
+      "consistent": draw(st.booleans()),
+      "s": draw(st.sampled_from([0.25, 1.0, 8.0])),
+      "seed": draw(st.integers(0, 2**16)),
+  }
+
+
+def _inputs(case):
+  """Params and grads in the flax layout, cast to the case's dtype (float64 NumPy
+  copies in the paper layout for the checks), or None if a cast overflowed."""
+  rng = np.random.default_rng(case["seed"])
+  batch, m, n, r, s = case["batch"], case["m"], case["n"], case["r"], case["s"]
+  A = case["scale_a"] * _factor(rng, case["kind_a"], batch + (r, n), -2)
+  B = case["scale_b"] * _factor(rng, case["kind_b"], batch + (m, r), -1)
+  if case["consistent"]:
+    g = case["scale_g"] * rng.standard_normal(batch + (m, n))
+    gA, gB = s * np.swapaxes(B, -1, -2) @ g, s * g @ np.swapaxes(A, -1, -2)
+  else:
+    gA = case["scale_g"] * rng.standard_normal(A.shape)
+    gB = case["scale_g"] * rng.standard_normal(B.shape)
+  dt = DTYPES[case["dtype"]]
+  with np.errstate(over="ignore"):
+    cast = [np.asarray(x, dt) for x in (A, B, gA, gB)]
+  if not all(np.all(np.isfinite(x.astype(np.float64))) for x in cast):
+    return None
+  paper = [x.astype(np.float64) for x in cast]
+  a, b, ga, gb = (np.swapaxes(x, -1, -2) for x in cast)  # to the flax layout
+  return {"lora_a": a, "lora_b": b}, {"lora_a": ga, "lora_b": gb}, paper
+
+
+def _cond(G):
+  with np.errstate(all="ignore"):
+    return float(np.max(np.linalg.cond(G))) if np.all(np.isfinite(G)) else np.inf
+
+
+def _assert_finite(tree, what):
+  for x in jax.tree.leaves(tree):
+    assert np.all(np.isfinite(np.asarray(x, np.float64))), (what, x)
+
+
+@FUZZ
+@given(case=cases())
+def test_finite_inputs_give_finite_outputs_and_descent(case):
+  data = _inputs(case)
+  assume(data is not None)
+  params, grads, (A, B, gA, gB) = data
+  dt = DTYPES[case["dtype"]]
+  x64 = jax.enable_x64(True) if case["dtype"] == "float64" else contextlib.nullcontext()
+  with x64:
+    params, grads = jax.tree.map(jnp.asarray, (params, grads))
+    for x_choice in ("sylvester", "zero", "symmetric"):
+      tx = lpj.lorapro(case["s"], x_choice=x_choice)
+      out, _ = tx.update(grads, tx.init(params), params)
+      _assert_finite(out, ("efficient", x_choice))
+      assert all(np.asarray(x).dtype == dt for x in jax.tree.leaves(out))
+
+      # Descent, in float64 on the values actually passed and returned.
+      if not case["consistent"]:
+        continue
+      cond = max(_cond(np.swapaxes(B, -1, -2) @ B), _cond(A @ np.swapaxes(A, -1, -2)))
+      u = np.concatenate([gA.ravel(), gB.ravel()])
+      oA, oB = (np.swapaxes(np.asarray(out[k], np.float64), -1, -2) for k in ("lora_a", "lora_b"))
+      v = np.concatenate([oA.ravel(), oB.ravel()])
+      # Rounding (of the inputs to dt, and inside) is amplified by up to cond;
+      # check where that bound is meaningful and no output saturated.
+      eps = float(jnp.finfo(dt).eps)
+      saturated = np.any(np.abs(v) >= float(jnp.finfo(dt).max))
+      if cond <= 1e4 and 30 * eps * cond < 0.1 and not saturated:
+        tol = 30 * eps * cond * np.linalg.norm(u) * np.linalg.norm(v)
+        assert u @ v >= -tol, (x_choice, u @ v, tol, cond)
+
+      # Full mode: two steps (moments from zero, then non-zero).
+      tx = lpj.lorapro(case["s"], mode="full", x_choice=x_choice)
+      state = tx.init(params)
+      for step_grads in (grads, jax.tree.map(lambda x: -x, grads)):
+        out, state = tx.update(step_grads, state, params)
+        _assert_finite(out, ("full", x_choice))
+        _assert_finite(state, ("full state", x_choice))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_extreme_scale_mismatch_saturates_instead_of_overflowing(dtype):
+  """A tiny B with a huge gradient: (BᵀB)⁻¹·g_lora^A exceeds the dtype's range;
+  the update saturates at the largest finite value (like a clip) instead of Inf."""
+  dt = DTYPES[dtype]
+  rng = np.random.default_rng(0)
+  A = rng.standard_normal((2, 4))
+  B = 1e-30 * rng.standard_normal((3, 2))
+  g = 1e30 * rng.standard_normal((3, 4))
+  params = {"lora_a": jnp.asarray(A.T, dt), "lora_b": jnp.asarray(B.T, dt)}
+  grads = {"lora_a": jnp.asarray((B.T @ g).T, dt), "lora_b": jnp.asarray((g @ A.T).T, dt)}
+  out, _ = lpj.lorapro(1.0).update(grads, None, params)
+  _assert_finite(out, dtype)
+  assert np.max(np.abs(np.asarray(out["lora_a"], np.float64))) == float(jnp.finfo(dt).max)
+
+
+def _two_pairs():
+  rng = np.random.default_rng(0)
+  f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+  params = {"x": {"lora_a": f(5, 2), "lora_b": f(2, 4)}, "y": {"lora_a": f(5, 2), "lora_b": f(2, 4)},
+            "head": f(3)}
+  grads = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), p.dtype), params)
+  return params, grads
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("mode", ["efficient", "full"])
+def test_non_finite_gradients_propagate_like_optax(mode, bad):
+  """A NaN or ±Inf entry in a LoRA gradient makes that pair's updates (A and B,
+  every entry: the pair is adjusted as a whole) NaN; other pairs and leaves are
+  unaffected. optax's own transformations propagate the same way (elementwise)."""
+  params, grads = _two_pairs()
+  grads["x"]["lora_a"] = grads["x"]["lora_a"].at[1, 0].set(bad)
+  tx = lpj.lorapro(2.0, mode=mode)
+  out, state = tx.update(grads, tx.init(params), params)
+  assert np.all(np.isnan(out["x"]["lora_a"])) and np.all(np.isnan(out["x"]["lora_b"]))
+  _assert_finite((out["y"], out["head"]), "other leaves")
+  clean, _ = tx.update(jax.tree.map(lambda g: jnp.nan_to_num(g), grads), tx.init(params), params)
+  np.testing.assert_array_equal(out["y"]["lora_a"], clean["y"]["lora_a"])
+
+  adam = optax.adam(1e-3)
+  optax_out, _ = adam.update(grads, adam.init(params), params)
+  assert not np.all(np.isfinite(optax_out["x"]["lora_a"]))
+
+
+@pytest.mark.parametrize("mode", ["efficient", "full"])
+def test_apply_if_finite_skips_non_finite_steps(mode):
+  """optax.apply_if_finite(tx, max_consecutive_errors) returns zero updates and
+  keeps the inner state (moments, step count) for a step with a non-finite
+  gradient, so the run continues exactly as if that step had not happened."""
+  params, grads = _two_pairs()
+  bad = jax.tree.map(lambda g: g, grads)
+  bad["y"]["lora_b"] = bad["y"]["lora_b"].at[0, 0].set(np.nan)
+  inner = lpj.lorapro_adamw(1e-2, scale=2.0, mode=mode)
+  tx = optax.apply_if_finite(inner, max_consecutive_errors=3)
+  update = jax.jit(tx.update)
+  state = tx.init(params)
+  u, state = update(grads, state, params)
+  u, state = update(bad, state, params)
+  assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(u))
+  assert int(state.notfinite_count) == 1 and not bool(state.last_finite)
+  u, state = update(grads, state, params)
+  _assert_finite((u, state), "after the skipped step")
+
+  ref_state = inner.init(params)
+  for _ in range(2):
+    want, ref_state = inner.update(grads, ref_state, params)
+  np.testing.assert_allclose(np.asarray(u["x"]["lora_a"]), np.asarray(want["x"]["lora_a"]),
+                             rtol=1e-6)
+  for x, y in zip(jax.tree.leaves(state.inner_state), jax.tree.leaves(ref_state)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6)
