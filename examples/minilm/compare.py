@@ -890,11 +890,12 @@ def make_figures(runs: Sequence[dict], rows: Sequence[dict], cfg: Config, out_di
                 ax.grid(alpha=0.3, which="both")
         axes[0, 0].set_ylabel(r"$\|\tilde g - g\|_F\, /\, \|g\|_F$")
         axes[1, 0].set_ylabel(r"cosine$(\tilde g, g)$")
-        axes[0, 0].legend(fontsize=7)
+        handles, labels = axes[0, 0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=8, bbox_to_anchor=(0.5, 0.955))
         fig.suptitle("Equivalent gradient vs full fine-tuning gradient g (mean over the trained layers); "
                      "LoRA-Pro runs: their adjusted gradients", fontsize=10)
         fig.text(0.01, 0.01, caption, fontsize=6.5, va="bottom", wrap=True)
-        fig.tight_layout(rect=(0, 0.04, 1, 0.96))
+        fig.tight_layout(rect=(0, 0.04, 1, 0.92))
         p = out_dir / f"{prefix}grad_distance.png"
         fig.savefig(p)
         plt.close(fig)
