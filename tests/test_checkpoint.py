@@ -46,10 +46,9 @@ def _loss(params, targets, step):
   return loss + jnp.sum((params["head"] - targets["head"]) ** 2)
 
 
-def _make_tx(mode, moment_dtype=None):
-  kwargs = {"moment_dtype": moment_dtype} if mode == "full" else {}
+def _make_tx(mode):
   return lpj.lorapro_adamw(optax.linear_schedule(1e-2, 1e-3, STEPS), scale=SCALE, mode=mode,
-                           weight_decay=1e-2, **kwargs)
+                           weight_decay=1e-2)
 
 
 def _make_step(tx):
@@ -78,10 +77,9 @@ def _assert_bitwise_equal(a, b):
     assert x.tobytes() == y.tobytes()
 
 
-@pytest.mark.parametrize("mode,moment_dtype", [("efficient", None), ("full", None),
-                                               ("full", jnp.bfloat16)])
-def test_resumed_run_is_bitwise_identical(tmp_path, mode, moment_dtype):
-  tx = _make_tx(mode, moment_dtype)
+@pytest.mark.parametrize("mode", ["efficient", "full"])
+def test_resumed_run_is_bitwise_identical(tmp_path, mode):
+  tx = _make_tx(mode)
   step = _make_step(tx)
   params0 = _params()
   want = _train(step, params0, tx.init(params0), 0, STEPS)
@@ -95,7 +93,7 @@ def test_resumed_run_is_bitwise_identical(tmp_path, mode, moment_dtype):
 
   # Second run: a fresh optimizer; the restore target is abstract (shapes, dtypes
   # and the state's tree structure, including its PairedSlot placeholders).
-  tx2 = _make_tx(mode, moment_dtype)
+  tx2 = _make_tx(mode)
   abstract = jax.eval_shape(lambda p: {"params": p, "opt_state": tx2.init(p)}, params0)
   with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
     assert mngr.latest_step() == SAVE_AT
@@ -104,7 +102,7 @@ def test_resumed_run_is_bitwise_identical(tmp_path, mode, moment_dtype):
     mu = restored["opt_state"][0].mu
     assert isinstance(mu["layer"]["lora_b"], lpj.PairedSlot)
     assert mu["layer"]["lora_a"].shape == (6, 5)  # the m×n moment, (in, out)
-    assert mu["layer"]["lora_a"].dtype == (moment_dtype or jnp.float32)
+    assert mu["layer"]["lora_a"].dtype == jnp.float32
   _assert_bitwise_equal(restored, saved)
   # The same program as the first run's (a new process would compile it again).
   got = _train(step, restored["params"], restored["opt_state"], SAVE_AT, STEPS)

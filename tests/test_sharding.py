@@ -57,12 +57,15 @@ def _arrays(shape_text):
           for dims in re.findall(r"[a-z]+\d*\[([\d,]*)\]", shape_text)]
 
 
-@pytest.mark.parametrize("layout,mode,dtype", [(l, m, "float32") for l in LAYOUTS for m in MODES]
-                         + [("fsdp", "full", "float64")])
-def test_sharded_training_matches_single_device(report, layout, mode, dtype):
-  """Every step's updates, relative to the largest single-device update."""
-  tol = {"float32": 2e-5, "float64": 1e-12}[dtype]
-  assert report[1][layout, mode, dtype]["max_rel_diff"] < tol
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_sharded_training_matches_single_device(report, layout, mode):
+  """Every step's updates, relative to the largest single-device update (float32;
+  with LORAPRO_SHARDING_X64=1 FSDP full mode also runs in float64)."""
+  cases = report[1]
+  assert cases[layout, mode, "float32"]["max_rel_diff"] < 2e-5
+  if (layout, mode, "float64") in cases:
+    assert cases[layout, mode, "float64"]["max_rel_diff"] < 1e-12
 
 
 @pytest.mark.parametrize("mode", MODES)
