@@ -164,11 +164,9 @@ def run_case(name, mode, dtype):
     # Under jit, freshly created zeros have no tie to the params: pass shardings.
     moment_sh = lpj.full_moment_shardings(params)
     if name == "dp":  # ZeRO-style: split the replicated params' moments over "data"
-      moment_sh = jax.tree.map(
-          lambda s, spec: s if isinstance(s, lpj.PairedSlot) else NamedSharding(mesh, spec),
-          moment_sh, {k: ({"lora_a": v, "lora_b": lpj.PairedSlot()} if k != "head" else v)
-                      for k, v in DP_MOMENT_SPECS.items()},
-          is_leaf=lambda x: isinstance(x, lpj.PairedSlot))
+      moment_sh = {k: NamedSharding(mesh, v) if k == "head" else
+                   {"lora_a": NamedSharding(mesh, v), "lora_b": lpj.PairedSlot()}
+                   for k, v in DP_MOMENT_SPECS.items()}
     state_sh = optax.tree.map_params(
         tx, lambda _, s: s, jax.eval_shape(tx.init, params), moment_sh,
         transform_non_params=lambda _: replicated,

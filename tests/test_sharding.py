@@ -24,8 +24,10 @@ MESH_AXIS = {"fsdp": "fsdp", "tp": "model", "dp": "data"}
 
 @pytest.fixture(scope="module")
 def report():
+  root = os.path.dirname(HERE)  # lorapro_jax importable even without an install
+  path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
+             JAX_PLATFORMS="cpu", PYTHONPATH=path)
   proc = subprocess.run([sys.executable, os.path.join(HERE, "sharding_check.py")], env=env,
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-5000:]
