@@ -2,8 +2,9 @@
 
 Modules:
   equations:   the paper's equations for one pair (pure functions).
+  layout:      the equations' products on the stored (flax or paper) layout.
   pairs:       finding and validating LoRA (A, B) pairs in a pytree.
-  batched:     stacking every pair into batched, jitted XLA work.
+  batched:     all pairs' r×r work batched per rank; raw or normalised path.
   transform:   the optax transformations `lorapro` and `lorapro_adamw`.
   diagnostics: equivalent gradients of every pair.
 """

@@ -1,22 +1,38 @@
 """Batching the equations over every pair of a model.
 
-Pairs are given in the paper's orientation with their batch axes flattened:
-A (N, r, n), B (N, m, r), s (N,). Pairs of equal (m, n, r, dtype) are
-concatenated into one group, so each matrix product runs once per group; the
-r×r work (the eigendecompositions and the Sylvester solves) of all groups of the
-same rank runs as one batched call. Everything is traced once into the jitted
-update: there is no Python loop at run time and no host synchronisation.
+`adjust` takes each pair in its storage layout with its batch axes flattened
+(flax: A (N, n, r), B (N, r, m); paper: A (N, r, n), B (N, m, r)) and returns
+Theorem 2.1's gradients in the same layout. Two paths compute the same map:
+
+* **Raw (the default).** Per pair, four r×r products on the raw factors
+  (AAᵀ, BᵀB, g_lora^A·Aᵀ, Bᵀ·g_lora^B), written in the leaf's layout so no tall
+  array is transposed, concatenated or copied; then all r×r work of all pairs
+  of one rank (eigendecompositions, Sylvester solves, `equations.coefficients`)
+  as one batched computation; then two K = r products per output.
+* **Normalised (the fallback).** Factors and gradients divided by their
+  largest entries, scales carried analytically (`equations`), so that inputs
+  anywhere in the dtype's range give finite results. It is taken, through
+  `jax.lax.cond`, for a rank's pairs whenever the raw path cannot be trusted:
+  a Gram trace below ``r·tiny/eps`` (B = 0 at LoRA's initialisation, or
+  entries whose squares underflow), or a bound on the output products above a
+  quarter of the dtype's range (overflow, a non-finite coefficient, or a NaN
+  or Inf input, which the fallback propagates per slice). The bound needs the
+  largest gradient entry: one reduction over each gradient.
+
+Everything is traced once into the jitted update: no Python loop at run time
+and no host synchronisation.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Sequence
+from typing import Literal, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 
 from lorapro_jax import equations as eq
+from lorapro_jax import layout as lo
 
 XChoice = Literal["sylvester", "zero", "symmetric"]
 X_CHOICES = ("sylvester", "zero", "symmetric")
@@ -26,6 +42,7 @@ _vmap_rhs = jax.vmap(eq.sylvester_rhs)
 _vmap_solve = jax.vmap(eq.solve_sylvester)
 _vmap_sym = jax.vmap(eq.x_symmetric)
 _vmap_adjust = jax.vmap(eq.adjusted_gradients)
+_vmap_coefficients = jax.vmap(eq.coefficients, in_axes=(0,) * 7 + (None,))
 
 
 def compute_dtype(*arrays):
@@ -148,9 +165,10 @@ def _max_abs(ga, gb):
   return jnp.maximum(m(ga), m(gb))
 
 
-def adjust(prep: Prepared, gA: Sequence[jax.Array], gB: Sequence[jax.Array],
-           x_choice: XChoice) -> tuple[list[jax.Array], list[jax.Array]]:
-  """Theorem 2.1 for every group (inputs and outputs batched per group).
+def adjust_normalised(prep: Prepared, gA: Sequence[jax.Array], gB: Sequence[jax.Array],
+                      x_choice: XChoice) -> tuple[list[jax.Array], list[jax.Array]]:
+  """Theorem 2.1 on normalised factors, for every group (paper orientation;
+  inputs and outputs batched per group).
 
   The map is linear in the gradients: each slice's pair is divided by its
   largest entry γ, and γ and the factors' scales α, β are applied last
@@ -174,10 +192,85 @@ def adjust(prep: Prepared, gA: Sequence[jax.Array], gB: Sequence[jax.Array],
   elif x_choice == "zero":
     Ys = [jnp.zeros_like(grp.G_A_inv) for grp in prep.groups]
     y_divs = [jnp.ones_like(grp.s) for grp in prep.groups]
-  else:
-    raise ValueError(f"x_choice must be one of {X_CHOICES}, got {x_choice!r}")
   out = [_vmap_adjust(ga, gb, grp.A, grp.B, grp.G_A_inv, grp.G_B_inv, Y, grp.s, d, g[:, 0, 0])
          for ga, gb, Y, d, g, grp in zip(gA, gB, Ys, y_divs, gammas, prep.groups)]
   nan = lambda x, ok: jnp.where(ok, x, jnp.nan)
   return ([nan(o[0], ok) for o, ok in zip(out, finite)],
           [nan(o[1], ok) for o, ok in zip(out, finite)])
+
+
+class LeafPair(NamedTuple):
+  """One pair in its storage layout, batch axes flattened to N (see module doc)."""
+  A: jax.Array
+  B: jax.Array
+  g_A: jax.Array  # g_lora^A, laid out like A
+  g_B: jax.Array
+  s: jax.Array  # (N,)
+  layout: lo.Layout
+
+
+def _normalised_path(pairs: Sequence[LeafPair], x_choice, damping):
+  """`adjust_normalised` on leaf-layout pairs (the fallback of `adjust`)."""
+  paper = lambda x, p: lo.to_paper(x, p.layout)
+  prep = prepare([paper(p.A, p) for p in pairs], [paper(p.B, p) for p in pairs],
+                 [p.s for p in pairs], damping)
+  gA, gB = adjust_normalised(prep, prep.gather([paper(p.g_A, p) for p in pairs]),
+                             prep.gather([paper(p.g_B, p) for p in pairs]), x_choice)
+  return [(paper(a, p), paper(b, p))
+          for a, b, p in zip(prep.split(gA), prep.split(gB), pairs)]
+
+
+def adjust(pairs: Sequence[LeafPair], x_choice: XChoice,
+           damping) -> list[tuple[jax.Array, jax.Array]]:
+  """Theorem 2.1 for every pair: (g^A, g^B) per pair, laid out like (A, B).
+
+  Pairs of one rank and dtype share one batched r×r computation and one
+  raw-or-normalised decision (see the module docstring). A result beyond the
+  dtype's range saturates; a slice with a NaN or Inf gradient returns NaN in
+  both of its outputs.
+  """
+  if x_choice not in X_CHOICES:
+    raise ValueError(f"x_choice must be one of {X_CHOICES}, got {x_choice!r}")
+  buckets: dict = {}
+  for i, p in enumerate(pairs):
+    buckets.setdefault((p.A.shape[-1] if p.layout == "flax" else p.A.shape[-2],
+                        jnp.dtype(p.A.dtype)), []).append(i)
+  out = [None] * len(pairs)
+  for (r, dtype), members in buckets.items():
+    ps = [pairs[i] for i in members]
+    sizes = [p.s.shape[0] for p in ps]
+    prods = [(lo.gram_A(p.layout, p.A, p.A), lo.gram_B(p.layout, p.B, p.B),
+              lo.gram_A(p.layout, p.g_A, p.A), lo.gram_B(p.layout, p.B, p.g_B)) for p in ps]
+    G_A, G_B, C_A, C_B = (_cat(list(x)) for x in zip(*prods))
+    s = _cat([p.s for p in ps])
+    eig = eq.damped_eigh(jnp.concatenate([G_A, G_B], 0), damping)
+    n = G_A.shape[0]
+    eig_A = eq.DampedEig(eig.w[:n], eig.Q[:n])
+    eig_B = eq.DampedEig(eig.w[n:], eig.Q[n:])
+    coef = _vmap_coefficients(G_A, G_B, C_A, C_B, s, eig_A, eig_B, x_choice)
+    # Below tiny/eps a Gram matrix may have lost its small entries to underflow,
+    # and an exactly zero one may be an underflowed nonzero factor.
+    floor = r * jnp.finfo(dtype).tiny / jnp.finfo(dtype).eps
+    trace = lambda G: jnp.trace(G, axis1=-2, axis2=-1)
+    # A bound on every partial sum of the output products (|A|max <= ‖A‖_F):
+    # below it no product overflows, so none can give Inf - Inf = NaN.
+    amax = lambda x: jnp.max(jnp.abs(x), axis=(-2, -1))
+    gamma_A = _cat([amax(p.g_A) for p in ps])
+    gamma_B = _cat([amax(p.g_B) for p in ps])
+    bound = r * jnp.maximum(
+        amax(coef.M1) * gamma_A + amax(coef.M2) * jnp.sqrt(trace(G_A)),
+        amax(coef.M3) * gamma_B + amax(coef.M4) * jnp.sqrt(trace(G_B)))
+    ok = (jnp.all(trace(G_A) >= floor) & jnp.all(trace(G_B) >= floor)
+          & jnp.all(bound <= jnp.finfo(dtype).max / 4))  # False for any NaN
+
+    def raw_path():
+      out = []
+      for p, (M1, M2, M3, M4) in zip(ps, zip(*(_split(m, sizes) for m in coef))):
+        out.append((lo.left(p.layout, M1, p.g_A) + lo.left(p.layout, M2, p.A),
+                    lo.right(p.layout, p.g_B, M3) - lo.right(p.layout, p.B, M4)))
+      return out
+
+    result = jax.lax.cond(ok, raw_path, lambda: _normalised_path(ps, x_choice, damping))
+    for i, res in zip(members, result):
+      out[i] = tuple(res)
+  return out

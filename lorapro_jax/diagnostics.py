@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from lorapro_jax import batched
-from lorapro_jax import equations as eq
+from lorapro_jax import layout
 from lorapro_jax import pairs as pairs_lib
 
 
@@ -36,12 +37,9 @@ def equivalent_gradients(params, updates, scale=1.0, pairs: pairs_lib.PairsArg =
   for f in found:
     arrs = [p_leaves[f.a_index], p_leaves[f.b_index], u_leaves[f.a_index], u_leaves[f.b_index]]
     dt = batched.compute_dtype(*arrs)
-    A, B, gA, gB = (pairs_lib.to_paper(x, f.layout).astype(dt) for x in arrs)
-    shape_a, shape_b = (-1, f.r, f.n), (-1, f.m, f.r)
-    s = _pair_scale(scale, f, dt)
-    g = jax.vmap(eq.equivalent_gradient)(gA.reshape(shape_a), gB.reshape(shape_b),
-                                         A.reshape(shape_a), B.reshape(shape_b), s)
-    g = g.reshape(f.batch_shape + (f.m, f.n))
+    A, B, gA, gB = (jnp.asarray(x, dt).reshape((-1,) + x.shape[-2:]) for x in arrs)
+    s = _pair_scale(scale, f, dt)[:, None, None]
+    g = s * layout.outer(f.layout, B, gA, gB, A)
     key = f.path if parents.count(f.path) == 1 else f.a_path
-    out[key] = pairs_lib.from_paper(g, f.layout)
+    out[key] = g.reshape(f.batch_shape + g.shape[-2:])
   return out

@@ -6,16 +6,20 @@ fine-tuning gradient g (m×n), the LoRA gradients g_lora^A = s·Bᵀg (r×n) and
 g_lora^B = s·g·Aᵀ (m×r) (Eq. 5), and the free r×r matrix X of Theorem 2.1.
 Every function works on one pair; `lorapro_jax.batched` vmaps them.
 
-Three numerical choices make these functions differ slightly from the printed
-equations while computing the same quantities:
+`coefficients` writes Theorem 2.1 as four r×r matrices that act on the raw
+factors and gradients: the form `lorapro_jax.batched` uses by default. The
+other functions are the scale-safe form it falls back to for inputs whose raw
+products would overflow or underflow. Three numerical choices make them
+differ slightly from the printed equations while computing the same
+quantities:
 
 * **Scale normalisation.** A = α·Â and B = β·B̂ with α = max|A|, β = max|B|.
   Gram matrices are formed from Â and B̂ (BᵀB = β²·Ĝ_B, AAᵀ = α²·Ĝ_A) and the
   factors α, β are carried analytically, so float32 entries anywhere from
   1e-30 to 1e30 neither overflow nor underflow. X is carried as
   Y = α·β·X, the quantity that multiplies Â and B̂.
-* **Damping.** Each normalised Gram matrix G is replaced by G + δ·(tr G / r)·I
-  (Tikhonov damping relative to its mean eigenvalue; an all-zero matrix, as
+* **Damping.** Each Gram matrix G (raw or normalised) is replaced by
+  G + δ·(tr G / r)·I (Tikhonov damping relative to its mean eigenvalue; an all-zero matrix, as
   B = 0 at LoRA's initialisation, is inverted as zero, its pseudo-inverse).
   This bounds every inverse and changes a well-conditioned problem by a
   relative O(δ·cond).
@@ -160,6 +164,46 @@ def adjusted_gradients(g_lora_A: Array, g_lora_B: Array, A: Normalised,
   g_B = (scaled(T - B.hat @ (G_B_inv @ (B.hat.T @ T)), a, a)
          - scaled(B.hat @ Y, y_div, a))
   return saturate(g_A), saturate(g_B)
+
+
+class Coefficients(NamedTuple):
+  """Theorem 2.1 as four r×r matrices acting on the raw factors:
+
+    g^A = M1·g_lora^A + M2·A,    g^B = g_lora^B·M3 - B·M4,
+
+  with M1 = (BᵀB)⁻¹/s², M2 = X, M3 = (AAᵀ)⁻¹/s² and
+  M4 = (BᵀB)⁻¹(Bᵀg_lora^B)(AAᵀ)⁻¹/s² + X: Eq. (8) as printed, and Eq. (10)
+  with its projector multiplied out, so the only products with a tall matrix
+  are K = r products with these coefficients.
+  """
+  M1: Array
+  M2: Array
+  M3: Array
+  M4: Array
+
+
+def coefficients(G_A: Array, G_B: Array, C_A: Array, C_B: Array, s: Array,
+                 eig_A: DampedEig, eig_B: DampedEig, x_choice: str) -> Coefficients:
+  """The `Coefficients` of one pair from its r×r products.
+
+  Args:
+    G_A, G_B: AAᵀ and BᵀB (raw, not normalised).
+    C_A, C_B: g_lora^A·Aᵀ and Bᵀ·g_lora^B.
+    s: the LoRA scaling.
+    eig_A, eig_B: `damped_eigh` of G_A and G_B.
+    x_choice: "sylvester" (Eq. 15, whose right-hand side is -M1·C_A),
+      "symmetric" (corrected Eq. 16) or "zero".
+  """
+  G_A_inv, G_B_inv = inverse(eig_A), inverse(eig_B)
+  M1, M3 = G_B_inv / s**2, G_A_inv / s**2
+  P = M1 @ C_B @ G_A_inv  # (BᵀB)⁻¹ Bᵀg_lora^B (AAᵀ)⁻¹ / s²
+  if x_choice == "sylvester":
+    X = solve_sylvester(-(M1 @ C_A), eig_B, eig_A, 1.0)
+  elif x_choice == "symmetric":
+    X = -P / 2
+  else:
+    X = jnp.zeros_like(P)
+  return Coefficients(M1, X, M3, P + X)
 
 
 def equivalent_gradient(g_A: Array, g_B: Array, A: Array, B: Array,

@@ -8,12 +8,13 @@ two are batch axes (stacked or scanned layers, experts).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Hashable, Iterable, Literal, NamedTuple, Sequence, Union
+from typing import Any, Callable, Hashable, Iterable, NamedTuple, Sequence, Union
 
 import jax
 import numpy as np
 
-Layout = Literal["flax", "paper"]
+from lorapro_jax.layout import Layout
+
 Path = tuple[Hashable, ...]
 
 
@@ -179,11 +180,3 @@ def find_pairs(params, pairs: PairsArg = None) -> list[FoundPair]:
     for parent in sorted(a_parents, key=path_str):
       add(parent + a_sfx, parent + b_sfx, spec.layout, parent)
   return found
-
-
-def to_paper(x, layout: Layout):
-  """A leaf of a pair in the paper's orientation: A (..., r, n), B (..., m, r)."""
-  return x if layout == "paper" else x.swapaxes(-1, -2)
-
-
-from_paper = to_paper  # the transposition is its own inverse

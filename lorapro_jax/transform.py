@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from functools import partial
 from typing import Any, Callable, Literal, NamedTuple, Optional, Union
 
 import jax
@@ -12,6 +11,7 @@ import optax
 
 from lorapro_jax import batched
 from lorapro_jax import equations as eq
+from lorapro_jax import layout as layout_lib
 from lorapro_jax import pairs as pairs_lib
 
 Mode = Literal["efficient", "full"]
@@ -56,7 +56,7 @@ def _saturating_cast(x, dtype):
   NaN stays NaN, so non-finite gradients propagate as in optax.
   """
   dtype = jnp.dtype(dtype)
-  if jnp.issubdtype(dtype, jnp.floating):
+  if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).max < jnp.finfo(x.dtype).max:
     big = jnp.finfo(dtype).max
     x = jnp.clip(x, -big, big)
   return x.astype(dtype)
@@ -77,17 +77,12 @@ def _pair_scale(scale: ScaleArg, pair: pairs_lib.FoundPair, dtype):
 
 @dataclasses.dataclass
 class _Pairs:
-  """The pairs of one update, canonicalised: paper orientation, (N, ...) batches."""
+  """The pairs of one update in their storage layout, batch axes flattened."""
   found: list
-  A: list
-  B: list
-  gA: list
-  gB: list
-  s: list
-  prep: batched.Prepared
+  leaf: list  # batched.LeafPair per pair
 
   @classmethod
-  def build(cls, params, updates, scale, pairs, damping):
+  def build(cls, params, updates, scale, pairs):
     found = pairs_lib.find_pairs(params, pairs)
     p_leaves = jax.tree.leaves(params)
     u_paths = jax.tree_util.tree_flatten_with_path(updates)[0]
@@ -95,7 +90,7 @@ class _Pairs:
       raise ValueError(f"updates have {len(u_paths)} leaves but params have "
                        f"{len(p_leaves)}; they must have the same structure.")
     u_leaves = [u for _, u in u_paths]
-    As, Bs, gAs, gBs, ss = [], [], [], [], []
+    leaf = []
     for f in found:
       for idx, path in ((f.a_index, f.a_path), (f.b_index, f.b_path)):
         if jnp.shape(u_leaves[idx]) != jnp.shape(p_leaves[idx]):
@@ -106,21 +101,16 @@ class _Pairs:
       arrs = [p_leaves[f.a_index], p_leaves[f.b_index], u_leaves[f.a_index],
               u_leaves[f.b_index]]
       dt = batched.compute_dtype(*arrs)
-      a, b, ga, gb = (pairs_lib.to_paper(jnp.asarray(x), f.layout).astype(dt) for x in arrs)
-      As.append(a.reshape(-1, f.r, f.n))
-      gAs.append(ga.reshape(-1, f.r, f.n))
-      Bs.append(b.reshape(-1, f.m, f.r))
-      gBs.append(gb.reshape(-1, f.m, f.r))
-      ss.append(_pair_scale(scale, f, dt))
-    prep = batched.prepare(As, Bs, ss, damping)
-    return cls(found, As, Bs, gAs, gBs, ss, prep), u_leaves
+      a, b, ga, gb = (jnp.asarray(x, dt).reshape((-1,) + jnp.shape(x)[-2:]) for x in arrs)
+      leaf.append(batched.LeafPair(a, b, ga, gb, _pair_scale(scale, f, dt), f.layout))
+    return cls(found, leaf), u_leaves
 
-  def write(self, u_leaves, gA, gB):
-    """Replaces the pairs' leaves in ``u_leaves`` by per-pair (N, ...) results."""
+  def write(self, u_leaves, adjusted):
+    """Replaces the pairs' leaves in ``u_leaves`` by their (N, ...) adjusted pairs."""
     out = list(u_leaves)
-    for f, ga, gb in zip(self.found, gA, gB):
-      for idx, x, shape in ((f.a_index, ga, (f.r, f.n)), (f.b_index, gb, (f.m, f.r))):
-        x = pairs_lib.from_paper(x.reshape(f.batch_shape + shape), f.layout)
+    for f, pair in zip(self.found, adjusted):
+      for idx, x in zip((f.a_index, f.b_index), pair):
+        x = x.reshape(jnp.shape(u_leaves[idx]))
         out[idx] = _saturating_cast(x, jnp.result_type(u_leaves[idx]))
     return out
 
@@ -158,16 +148,20 @@ def _adam_direction(g, mu, nu, count, b1, b2, eps, saturating=False):
   return direction, mu.astype(stored), nu.astype(stored)
 
 
-def _equivalent_gradient(g_A, g_B, A: eq.Normalised, B: eq.Normalised, s, transposed):
-  """Eq. (55), g̃ = s·β·B̂·g^A + s·α·g^B·Â, without overflowing midway: both
-  terms are formed at most 1 in size and their common scale applied last,
-  saturating. g^A, g^B are finite (saturated) or NaN."""
-  a, b = eq.normalise(g_A), eq.normalise(g_B)
+_vmap_normalise = jax.vmap(eq.normalise)
+
+
+def _equivalent_gradient(g_A, g_B, A: eq.Normalised, B: eq.Normalised, s, layout):
+  """Eq. (55), g̃ = s·β·B̂·g^A + s·α·g^B·Â, in the weight's layout, without
+  overflowing midway: both terms are formed at most 1 in size and their common
+  scale applied last, saturating. g^A, g^B are finite (saturated) or NaN.
+  Batched over the leading axis."""
+  a, b = _vmap_normalise(g_A), _vmap_normalise(g_B)
   c_A, c_B = eq.saturate(s * B.scale * a.scale), eq.saturate(s * A.scale * b.scale)
   c = jnp.maximum(c_A, c_B)
-  c = jnp.where(c > 0, c, jnp.ones_like(c))
-  g = eq.equivalent_gradient(a.hat * (c_A / c), b.hat * (c_B / c), A.hat, B.hat, 1.0,
-                             transposed=transposed)
+  c = jnp.where(c > 0, c, jnp.ones_like(c))[:, None, None]
+  g = layout_lib.outer(layout, B.hat, a.hat * (c_A[:, None, None] / c),
+                       b.hat * (c_B[:, None, None] / c), A.hat)
   return eq.saturate(g * c)
 
 
@@ -327,14 +321,13 @@ def lorapro(
   def adjusted_updates(updates, params):
     if params is None:
       raise ValueError(_NO_PARAMS)
-    return _Pairs.build(params, updates, scale, pairs, damping)
+    return _Pairs.build(params, updates, scale, pairs)
 
   if mode == "efficient":
     def update_efficient(updates, state, params=None, **extra_args):
       del extra_args
       P, u_leaves = adjusted_updates(updates, params)
-      gA, gB = batched.adjust(P.prep, P.prep.gather(P.gA), P.prep.gather(P.gB), x_choice)
-      out = P.write(u_leaves, P.prep.split(gA), P.prep.split(gB))
+      out = P.write(u_leaves, batched.adjust(P.leaf, x_choice, damping))
       return jax.tree.unflatten(jax.tree.structure(updates), out), state
 
     return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_efficient)
@@ -373,28 +366,23 @@ def lorapro(
         out[i] = d.astype(jnp.result_type(u))
 
     # Alg. 3 lines 6-8: equivalent gradient of the X = 0 adjustment.
-    gA0, gB0 = batched.adjust(P.prep, P.prep.gather(P.gA), P.prep.gather(P.gB), "zero")
-    proj_A, proj_B = [], []
-    split = lambda x, field: P.prep.split([getattr(getattr(g, x), field) for g in P.prep.groups])
-    normalised = [list(map(eq.Normalised, split(x, "hat"), split(x, "scale"))) for x in "AB"]
-    for k, (f, ga, gb) in enumerate(zip(P.found, P.prep.split(gA0), P.prep.split(gB0))):
-      A, B, s = normalised[0][k], normalised[1][k], P.s[k]
-      # The moments are laid out like the adapted weight: (in, out) kernels for
-      # the flax layout, so g̃ is formed and consumed transposed there.
-      kernel = f.layout == "flax"
-      g_tilde = jax.vmap(partial(_equivalent_gradient, transposed=kernel))(ga, gb, A, B, s)
-      g_tilde = g_tilde.reshape(_moment_shape(f))
+    projected = []
+    for f, p, (g_A, g_B) in zip(P.found, P.leaf, batched.adjust(P.leaf, "zero", damping)):
+      A, B = _vmap_normalise(p.A), _vmap_normalise(p.B)
+      # The moments are laid out like the adapted weight ((in, out) kernels for
+      # the flax layout), as g̃ is formed: no m×n array is transposed.
+      g_tilde = _equivalent_gradient(g_A, g_B, A, B, p.s, p.layout).reshape(_moment_shape(f))
       # Lines 9-13: Adam on the m×n equivalent gradient.
       d, mu[f.a_index], nu[f.a_index] = _adam_direction(
           g_tilde, mu[f.a_index], nu[f.a_index], count, b1, b2, eps, saturating=True)
-      d = d.astype(A.hat.dtype).reshape((-1,) + _moment_shape(f)[-2:])
-      # Lines 14-15, Eq. (56): back to LoRA gradients, s·Bᵀd = β·(s·B̂ᵀd) etc.
-      pa, pb = jax.vmap(partial(eq.lora_gradients, transposed=kernel))(d, A.hat, B.hat, s)
-      proj_A.append(eq.saturate(pa * B.scale[:, None, None]))
-      proj_B.append(eq.saturate(pb * A.scale[:, None, None]))
+      d = d.astype(p.A.dtype).reshape((-1,) + _moment_shape(f)[-2:])
+      # Lines 14-15, Eq. (56): back to LoRA gradients, s·Bᵀd = s·β·(B̂ᵀd) etc.
+      pa, pb = layout_lib.project(p.layout, d, A.hat, B.hat)
+      s3 = p.s[:, None, None]
+      projected.append(p._replace(g_A=eq.saturate(s3 * pa * B.scale[:, None, None]),
+                                  g_B=eq.saturate(s3 * pb * A.scale[:, None, None])))
     # Lines 16-18: Theorem 2.1 with the chosen X.
-    gA, gB = batched.adjust(P.prep, P.prep.gather(proj_A), P.prep.gather(proj_B), x_choice)
-    out = P.write(out, P.prep.split(gA), P.prep.split(gB))
+    out = P.write(out, batched.adjust(projected, x_choice, damping))
     new_state = ScaleByLoraProFullState(count, jax.tree.unflatten(mu_def, mu),
                                         jax.tree.unflatten(mu_def, nu))
     return jax.tree.unflatten(jax.tree.structure(updates), out), new_state

@@ -1,0 +1,76 @@
+"""The paper's products written for each storage layout of a pair.
+
+The equations (`lorapro_jax.equations`) use the paper's orientation,
+A (r×n) and B (m×r). Flax stores their transposes, ``lora_a`` = Aᵀ (n×r) and
+``lora_b`` = Bᵀ (r×m), with the kernel (in, out) = (n, m). Transposing an
+n×r leaf costs a strided pass over it (and XLA may repeat the transpose in
+every consumer), so every product that touches a tall factor is written here
+as an einsum on the stored arrays: only r×r matrices are ever in the paper's
+orientation. All functions take arrays with one leading batch axis.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Layout = Literal["flax", "paper"]
+
+# Subscripts of A, B and of the m×n weight (its moment) in each layout.
+_A = {"flax": "nr", "paper": "rn"}
+_B = {"flax": "rm", "paper": "mr"}
+_W = {"flax": "nm", "paper": "mn"}
+
+
+def _rename(sub: str, r: str) -> str:
+  return sub.replace("r", r)
+
+
+def gram_A(layout: Layout, X: Array, Y: Array) -> Array:
+  """X·Yᵀ (r×r) for r×n factors, e.g. AAᵀ and g_lora^A·Aᵀ."""
+  a = _A[layout]
+  return jnp.einsum(f"k{a},k{_rename(a, 's')}->krs", X, Y)
+
+
+def gram_B(layout: Layout, X: Array, Y: Array) -> Array:
+  """Xᵀ·Y (r×r) for m×r factors, e.g. BᵀB and Bᵀ·g_lora^B."""
+  b = _B[layout]
+  return jnp.einsum(f"k{b},k{_rename(b, 's')}->krs", X, Y)
+
+
+def left(layout: Layout, M: Array, X: Array) -> Array:
+  """M·X for an r×r M and an r×n factor X, in X's layout."""
+  a = _A[layout]
+  return jnp.einsum(f"krs,k{_rename(a, 's')}->k{a}", M, X)
+
+
+def right(layout: Layout, X: Array, M: Array) -> Array:
+  """X·M for an m×r factor X and an r×r M, in X's layout."""
+  b = _B[layout]
+  return jnp.einsum(f"k{_rename(b, 's')},ksr->k{b}", X, M)
+
+
+def outer(layout: Layout, B: Array, g_A: Array, g_B: Array, A: Array) -> Array:
+  """B·g_A + g_B·A (m×n), in the weight's layout ((n, m) for flax), as one
+  matmul with inner dimension 2r so that the m×n result is written once."""
+  if layout == "flax":  # (B·g_A + g_B·A)ᵀ = [g_Aᵀ, Aᵀ]·[Bᵀ; g_Bᵀ]
+    return jnp.concatenate([g_A, A], -1) @ jnp.concatenate([B, g_B], -2)
+  return jnp.concatenate([B, g_B], -1) @ jnp.concatenate([g_A, A], -2)
+
+
+def project(layout: Layout, D: Array, A: Array, B: Array) -> tuple[Array, Array]:
+  """(Bᵀ·D, D·Aᵀ) for an m×n D in the weight's layout: Eq. (56) without s."""
+  a, b, w = _A[layout], _B[layout], _W[layout]
+  return (jnp.einsum(f"k{w},k{b}->k{a}", D, B),
+          jnp.einsum(f"k{w},k{a}->k{b}", D, A))
+
+
+def to_paper(x: Array, layout: Layout) -> Array:
+  """A leaf of a pair in the paper's orientation: A (..., r, n), B (..., m, r)."""
+  return x if layout == "paper" else jnp.swapaxes(x, -1, -2)
+
+
+from_paper = to_paper  # the transposition is its own inverse

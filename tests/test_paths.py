@@ -1,0 +1,117 @@
+"""The raw and the normalised path of `lorapro_jax.batched.adjust`.
+
+Both must give Theorem 2.1's gradients (checked against the float64 NumPy
+reference); the normalised one must be taken exactly when raw float32
+products cannot be trusted. Under ``jax.disable_jit`` a ``lax.cond`` runs one
+Python branch, so a spy on the fallback shows which path ran.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import reference as ref
+from conftest import random_pair, run_lorapro
+from lorapro_jax import batched
+
+X_CHOICES = ("sylvester", "zero", "symmetric")
+DAMPING = 1e-6
+
+
+@pytest.fixture
+def fallback_calls(monkeypatch):
+  calls = []
+  original = batched._normalised_path
+
+  def spy(*args, **kwargs):
+    calls.append(1)
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(batched, "_normalised_path", spy)
+  with jax.disable_jit():
+    yield calls
+
+
+def _reference(A, B, g_A, g_B, s, x_choice):
+  """Theorem 2.1 in float64 with the same relative damping as the library."""
+  def damped_inv(G):
+    w, Q = np.linalg.eigh(G)
+    w = np.maximum(w, 0)
+    if w.mean() == 0:
+      return np.zeros_like(G)
+    return (Q / (w + DAMPING * w.mean())) @ Q.T
+
+  A, B, g_A, g_B = (np.asarray(x, np.float64) for x in (A, B, g_A, g_B))
+  inv_A, inv_B = damped_inv(A @ A.T), damped_inv(B.T @ B)
+  if x_choice == "zero":
+    X = np.zeros((A.shape[0],) * 2)
+  elif x_choice == "symmetric":
+    X = -inv_B @ B.T @ g_B @ inv_A / (2 * s**2)
+  else:  # Eq. (15) with the damped Gram matrices, by vectorisation
+    G_A = np.linalg.inv(inv_A) if inv_A.any() else np.zeros_like(inv_A)
+    G_B = np.linalg.inv(inv_B) if inv_B.any() else np.zeros_like(inv_B)
+    r = A.shape[0]
+    K = np.kron(G_B, np.eye(r)) + np.kron(np.eye(r), G_A.T)
+    X = np.linalg.solve(K, (-inv_B @ g_A @ A.T / s**2).reshape(-1)).reshape(r, r)
+  out_A = inv_B @ g_A / s**2 + X @ A
+  out_B = (g_B - B @ inv_B @ B.T @ g_B) @ inv_A / s**2 - B @ X
+  return out_A, out_B
+
+
+def _rel_err(got, want):
+  return max(np.max(np.abs(np.asarray(x, np.float64) - y)) / max(np.max(np.abs(y)), 1e-300)
+             for x, y in zip(got, want))
+
+
+@pytest.mark.parametrize("x_choice", X_CHOICES)
+@pytest.mark.parametrize("layout", ("flax", "paper"))
+def test_raw_path_for_ordinary_inputs(fallback_calls, layout, x_choice):
+  rng = np.random.default_rng(1)
+  A, B, g = (x.astype(np.float32) for x in random_pair(rng, 9, 7, 3))
+  g_A, g_B = (x.astype(np.float32) for x in ref.lora_gradients(g, A, B, 1.5))
+  got = run_lorapro(A, B, g_A, g_B, 1.5, layout, damping=DAMPING, x_choice=x_choice)
+  assert not fallback_calls
+  assert _rel_err(got, _reference(A, B, g_A, g_B, 1.5, x_choice)) < 1e-4
+
+
+# (scale of A, scale of B, scale of the gradients): factors whose Gram
+# matrices underflow or overflow in float32, B = 0, gradients that overflow.
+EXTREMES = {"tiny_A": (1e-24, 1.0, 1.0), "tiny_B": (1.0, 1e-25, 1e-25),
+            "huge_factors": (1e20, 1e21, 1e20), "zero_B": (1.0, 0.0, 1.0),
+            "huge_gradients_small_B": (1.0, 1e-12, 1e28)}
+
+
+@pytest.mark.parametrize("x_choice", X_CHOICES)
+@pytest.mark.parametrize("case", sorted(EXTREMES))
+def test_normalised_path_for_extreme_inputs(fallback_calls, case, x_choice):
+  a, b, c = EXTREMES[case]
+  rng = np.random.default_rng(2)
+  A, B, g = random_pair(rng, 9, 7, 3)
+  g_A, g_B = (c * x for x in ref.lora_gradients(g, A, B, 1.5))
+  A, B = a * A, b * B
+  A, B, g_A, g_B = (x.astype(np.float32) for x in (A, B, g_A, g_B))
+  got = run_lorapro(A, B, g_A, g_B, 1.5, "flax", damping=DAMPING, x_choice=x_choice)
+  assert fallback_calls, "the raw path was taken for float32-unsafe inputs"
+  assert all(np.isfinite(x).all() for x in got)
+  want = _reference(A, B, g_A, g_B, 1.5, x_choice)
+  if all(np.max(np.abs(w)) < 1e37 for w in want):  # representable in float32
+    assert _rel_err(got, want) < 1e-3
+
+
+def test_nan_gradient_falls_back_and_propagates_per_slice(fallback_calls):
+  rng = np.random.default_rng(3)
+  A, B, g = random_pair(rng, 6, 5, 2)
+  A, B, g = (np.stack([x, 2 * x]).astype(np.float32) for x in (A, B, g))
+  g_A = np.einsum("kmr,kmn->krn", B, g)
+  g_B = np.einsum("kmn,krn->kmr", g, A)
+  g_A[1, 0, 0] = np.nan
+  pair = batched.LeafPair(*(jnp.asarray(x) for x in (A, B, g_A, g_B)),
+                          jnp.ones(2, jnp.float32), "paper")
+  [(out_A, out_B)] = batched.adjust([pair], "sylvester", DAMPING)
+  assert fallback_calls
+  assert np.isnan(out_A[1]).all() and np.isnan(out_B[1]).all()
+  want = _reference(A[0], B[0], g_A[0], g_B[0], 1.0, "sylvester")
+  assert _rel_err((out_A[0], out_B[0]), want) < 1e-4
