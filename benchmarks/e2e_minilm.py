@@ -49,13 +49,13 @@ def _run(mod, *, rank, batch, seq, smoke, target_s, rounds):
          if smoke else MiniLMConfig())
   model = MiniLMEncoder(cfg, rank=rank, alpha=2.0 * rank, rngs=nnx.Rngs(0))
   scale = float(model.scale)
-  graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
+  graphdef, lora, base, rest = nnx.split(model, nnx.LoRAParam, nnx.Param, ...)
   rng = np.random.default_rng(0)
   ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, batch, seq)), jnp.int32)
   mask = jnp.ones((2, batch, seq), bool)
 
-  def loss_fn(lora, rest, ids, mask):
-    m = nnx.merge(graphdef, lora, rest)
+  def loss_fn(lora, base, rest, ids, mask):
+    m = nnx.merge(graphdef, lora, base, rest)
     q, d = m(ids[0], mask[0]), m(ids[1], mask[1])
     logits = 20.0 * q @ d.T
     return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.arange(batch)).mean()
@@ -67,13 +67,27 @@ def _run(mod, *, rank, batch, seq, smoke, target_s, rounds):
   }
   runners = []
   for name, tx in txs.items():
-    def step(lora_and_state, rest, ids, mask, tx=tx):
+    def step(lora_and_state, base, rest, ids, mask, tx=tx):
       lora, state = lora_and_state
-      loss, g = jax.value_and_grad(loss_fn)(lora, rest, ids, mask)
+      loss, g = jax.value_and_grad(loss_fn)(lora, base, rest, ids, mask)
       u, state = tx.update(g, state, lora)
       return loss, (optax.apply_updates(lora, u), state)
     carry = (jax.tree.map(jnp.copy, lora), tx.init(lora))
-    runners.append(timing.Runner(name, step, [carry, rest, ids, mask], state_index=0).compile())
+    runners.append(timing.Runner(name, step, [carry, base, rest, ids, mask],
+                                 state_index=0).compile())
+
+  # Full fine-tuning: AdamW on every base parameter (the LoRA branch is frozen).
+  full_ft = optax.adamw(1e-4)
+
+  def full_step(base_and_state, lora, rest, ids, mask):
+    base, state = base_and_state
+    loss, g = jax.value_and_grad(loss_fn, argnums=1)(lora, base, rest, ids, mask)
+    u, state = full_ft.update(g, state, base)
+    return loss, (optax.apply_updates(base, u), state)
+
+  carry = (jax.tree.map(jnp.copy, base), full_ft.init(base))
+  runners.append(timing.Runner("full-ft-adamw", full_step, [carry, lora, rest, ids, mask],
+                               state_index=0).compile())
   res = timing.measure(runners, rounds=rounds, target_s=target_s, max_reps=20)
   base = res["adamw"]["median_ms"]
   rows = []
@@ -82,5 +96,6 @@ def _run(mod, *, rank, batch, seq, smoke, target_s, rounds):
                  "ratio_vs_adamw": res[r.name]["median_ms"] / base,
                  **timing.memory_stats(r.compiled)})
   n_lora = sum(x.size for x in jax.tree.leaves(lora))
+  n_base = sum(x.size for x in jax.tree.leaves(base))
   return {"config": f"MiniLM-L{cfg.num_layers} h{cfg.hidden_size} r{rank} batch 2x{batch}x{seq}",
-          "lora_params": int(n_lora), "rows": rows}
+          "lora_params": int(n_lora), "base_params": int(n_base), "rows": rows}

@@ -252,6 +252,12 @@ def evaluate_targets(result):
         out.append({"target": f"batched >= {need:g}x faster than the per-layer loop at 200+ adapters",
                     "config": f"{n} adapters, {b} vs loop-factored", "value": sp,
                     "holds": sp >= need and sp > 1.0})
+  e2e = result.get("e2e") or {}
+  by = {r["variant"]: r["median_ms"] for r in e2e.get("rows", [])}
+  if "adamw" in by and "lorapro-sylvester+adamw" in by:
+    v = by["lorapro-sylvester+adamw"] / by["adamw"]
+    out.append({"target": "e2e train step, LoRA-Pro efficient <= 1.05x plain LoRA",
+                "config": e2e["config"], "value": v, "holds": v <= 1.05})
   return out
 
 
@@ -324,7 +330,8 @@ def format_tables(result) -> str:
     if "skipped" in e2e:
       lines.append(f"skipped: {e2e['skipped']}")
     else:
-      lines.append(f"{e2e['config']}, {e2e['lora_params']} LoRA parameters")
+      lines.append(f"{e2e['config']}, {e2e['lora_params']} LoRA parameters, "
+                   f"{e2e.get('base_params', '?')} base parameters (full fine-tuning)")
       for r in e2e["rows"]:
         lines.append(f"{r['variant']:<26} {r['median_ms']:>10.2f} ms  x{r['ratio_vs_adamw']:.2f} adamw")
     lines.append("")

@@ -26,6 +26,7 @@ and no host synchronisation.
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 from typing import Literal, NamedTuple, Sequence
 
 import jax
@@ -231,6 +232,14 @@ def adjust(pairs: Sequence[LeafPair], x_choice: XChoice,
   """
   if x_choice not in X_CHOICES:
     raise ValueError(f"x_choice must be one of {X_CHOICES}, got {x_choice!r}")
+  # Jitted so that an eager call compiles one computation (with both branches
+  # of the cond) instead of dispatching every op; inlined under an outer jit.
+  return _adjust_jit([p[:5] for p in pairs], tuple(p.layout for p in pairs), x_choice, damping)
+
+
+@partial(jax.jit, static_argnums=(1, 2))
+def _adjust_jit(arrays, layouts, x_choice, damping):
+  pairs = [LeafPair(*a, layout) for a, layout in zip(arrays, layouts)]
   buckets: dict = {}
   for i, p in enumerate(pairs):
     buckets.setdefault((p.A.shape[-1] if p.layout == "flax" else p.A.shape[-2],

@@ -19,8 +19,9 @@ quantities:
   1e-30 to 1e30 neither overflow nor underflow. X is carried as
   Y = α·β·X, the quantity that multiplies Â and B̂.
 * **Damping.** Each Gram matrix G (raw or normalised) is replaced by
-  G + δ·(tr G / r)·I (Tikhonov damping relative to its mean eigenvalue; an all-zero matrix, as
-  B = 0 at LoRA's initialisation, is inverted as zero, its pseudo-inverse).
+  G + δ·(tr G / r)·I (Tikhonov damping relative to its mean eigenvalue; an
+  all-zero matrix, as B = 0 at LoRA's initialisation, is inverted as zero,
+  its pseudo-inverse).
   This bounds every inverse and changes a well-conditioned problem by a
   relative O(δ·cond).
 * **One eigendecomposition per Gram matrix.** Ĝ = Q·diag(w)·Qᵀ gives the

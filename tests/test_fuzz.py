@@ -194,7 +194,7 @@ def _two_pairs():
 def test_non_finite_gradients_propagate_like_optax(mode, bad):
   """A NaN or ±Inf entry in a LoRA gradient makes that pair's updates (A and B,
   every entry: the pair is adjusted as a whole) NaN; other pairs and leaves are
-  unaffected. optax's own transformations propagate the same way (elementwise)."""
+  unaffected (up to rounding). optax's own transformations propagate the same way (elementwise)."""
   params, grads = _two_pairs()
   grads["x"]["lora_a"] = grads["x"]["lora_a"].at[1, 0].set(bad)
   tx = lpj.lorapro(2.0, mode=mode)
@@ -202,7 +202,9 @@ def test_non_finite_gradients_propagate_like_optax(mode, bad):
   assert np.all(np.isnan(out["x"]["lora_a"])) and np.all(np.isnan(out["x"]["lora_b"]))
   _assert_finite((out["y"], out["head"]), "other leaves")
   clean, _ = tx.update(jax.tree.map(lambda g: jnp.nan_to_num(g), grads), tx.init(params), params)
-  np.testing.assert_array_equal(out["y"]["lora_a"], clean["y"]["lora_a"])
+  # Equal up to rounding: with a NaN present, the pairs of that rank take the
+  # normalised path (lorapro_jax.batched), the clean update the raw one.
+  np.testing.assert_allclose(out["y"]["lora_a"], clean["y"]["lora_a"], rtol=1e-5, atol=1e-7)
 
   adam = optax.adam(1e-3)
   optax_out, _ = adam.update(grads, adam.init(params), params)
