@@ -95,7 +95,7 @@ def _run(mod, *, rank, batch, seq, smoke, target_s, rounds):
     rows.append({"variant": r.name, **res[r.name], "compile_s": r.compile_s,
                  "ratio_vs_adamw": res[r.name]["median_ms"] / base,
                  **timing.memory_stats(r.compiled)})
-  n_lora = sum(x.size for x in jax.tree.leaves(lora))
-  n_base = sum(x.size for x in jax.tree.leaves(base))
+  n_lora = sum(jnp.size(x) for x in jax.tree.leaves(lora))
+  n_base = sum(jnp.size(x) for x in jax.tree.leaves(base))
   return {"config": f"MiniLM-L{cfg.num_layers} h{cfg.hidden_size} r{rank} batch 2x{batch}x{seq}",
           "lora_params": int(n_lora), "base_params": int(n_base), "rows": rows}
