@@ -88,17 +88,6 @@ def inverse(eig: DampedEig) -> Array:
   return (eig.Q / eig.w[..., None, :]) @ jnp.swapaxes(eig.Q, -1, -2)
 
 
-def lora_gradients(g: Array, A: Array, B: Array, s: Array, *, transposed=False):
-  """Eq. (5), and Eq. (56) for g = g̃^AdamW: g_lora^A = s·Bᵀg, g_lora^B = s·g·Aᵀ.
-
-  ``transposed=True`` takes gᵀ (n×m, the layout of an (in, out) kernel), so an
-  m×n array is never transposed: only the r-sized results are.
-  """
-  if transposed:
-    return s * (g @ B).T, s * (A @ g).T
-  return s * (B.T @ g), s * (g @ A.T)
-
-
 def sylvester_rhs(g_lora_A: Array, A: Normalised, B: Normalised,
                   G_B_inv: Array, s: Array) -> Array:
   """Right-hand side of Eq. (15), -(1/s²)(BᵀB)⁻¹ g_lora^A Aᵀ, in Y units.
@@ -205,15 +194,3 @@ def coefficients(G_A: Array, G_B: Array, C_A: Array, C_B: Array, s: Array,
   else:
     X = jnp.zeros_like(P)
   return Coefficients(M1, X, M3, P + X)
-
-
-def equivalent_gradient(g_A: Array, g_B: Array, A: Array, B: Array,
-                        s: Array, *, transposed=False) -> Array:
-  """Definition 1 / Eq. (55): g̃ = s·B·g^A + s·g^B·A (m×n), as one matmul.
-
-  ``transposed=True`` returns g̃ᵀ (n×m) directly, for (in, out) kernels:
-  transposing the m×n result instead would cost a strided pass over it.
-  """
-  left = jnp.concatenate([B, g_B], -1)  # m×2r
-  right = jnp.concatenate([g_A, A], -2)  # 2r×n
-  return s * (right.T @ left.T) if transposed else s * (left @ right)

@@ -54,7 +54,7 @@ def right(layout: Layout, X: Array, M: Array) -> Array:
 
 
 def outer(layout: Layout, B: Array, g_A: Array, g_B: Array, A: Array) -> Array:
-  """B·g_A + g_B·A (m×n), in the weight's layout ((n, m) for flax), as one
+  """B·g_A + g_B·A (m×n; Eq. 55 without s), in the weight's layout ((n, m) for flax), as one
   matmul with inner dimension 2r so that the m×n result is written once."""
   if layout == "flax":  # (B·g_A + g_B·A)ᵀ = [g_Aᵀ, Aᵀ]·[Bᵀ; g_Bᵀ]
     return jnp.concatenate([g_A, A], -1) @ jnp.concatenate([B, g_B], -2)
