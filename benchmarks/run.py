@@ -470,7 +470,7 @@ def main(argv=None):
     result["e2e"] = e2e_minilm.run(rank=args.e2e_rank, batch=4 if args.smoke else args.e2e_batch,
                                    seq=8 if args.smoke else args.e2e_seq, smoke=args.smoke,
                                    target_s=0.05 if args.smoke else 2.0,
-                                   rounds=1 if args.smoke else 3)
+                                   rounds=1 if args.smoke else 2 * args.rounds)
   else:
     result["e2e"] = {"skipped": "section not selected"}
   result["targets"] = evaluate_targets(result)
