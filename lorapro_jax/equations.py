@@ -129,6 +129,21 @@ def saturate(x: Array) -> Array:
   return jnp.clip(x, -big, big)
 
 
+def rescale(x: Array, gamma: Array, *divisors: Array) -> Array:
+  """x·γ / (d1·d2·…) for positive scalars γ, d_i, saturated.
+
+  Not written as ``x * gamma / d1 / d2``: XLA rewrites (x/a)/b as x/(a·b),
+  and a·b underflows (flushed to 0 on CPU, giving 0/0) or overflows for
+  scales such as 1e-20 or 1e20. The binary exponents are summed as integers
+  instead and applied last by `jnp.ldexp`.
+  """
+  m, e = jnp.frexp(gamma)
+  for d in divisors:
+    d_m, d_e = jnp.frexp(d)
+    m, e = m / d_m, e - d_e  # mantissas in [0.5, 1): m stays in (0.5, 2**len(divisors))
+  return saturate(jnp.ldexp(x * m, e))
+
+
 def adjusted_gradients(g_lora_A: Array, g_lora_B: Array, A: Normalised,
                        B: Normalised, G_A_inv: Array, G_B_inv: Array,
                        Y: Array, s: Array, y_div: Array | float = 1.0,
@@ -148,7 +163,7 @@ def adjusted_gradients(g_lora_A: Array, g_lora_B: Array, A: Normalised,
   β) becomes ±max, never Inf or NaN.
   """
   a, b = A.scale, B.scale
-  scaled = lambda x, d1, d2: saturate(x * gamma / d1 / d2)
+  scaled = lambda x, d1, d2: rescale(x, gamma, d1, d2)
   g_A = scaled((G_B_inv @ g_lora_A) / s**2, b, b) + scaled(Y @ A.hat, y_div, b)
   T = (g_lora_B @ G_A_inv) / s**2
   g_B = (scaled(T - B.hat @ (G_B_inv @ (B.hat.T @ T)), a, a)
