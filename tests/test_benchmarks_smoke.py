@@ -36,3 +36,11 @@ def test_smoke_writes_expected_rows(tmp_path):
   assert mem["lorapro-full-bf16"]["state_bytes"] < mem["lorapro-full"]["state_bytes"]
   assert res["e2e"] is not None and ("skipped" in res["e2e"] or res["e2e"]["rows"])
   assert (tmp_path / "smoke.txt").exists()
+
+
+def test_breakdown_prints_every_component(capsys):
+  from benchmarks import breakdown
+  breakdown.main(["--model", "tiny", "--layers", "1", "--target-s", "0.05", "--rounds", "1"])
+  out = capsys.readouterr().out
+  for name in ("adamw", "grams", "grams+amax", "outs+adamw", "lorapro", "lorapro+adamw"):
+    assert f"  {name} " in out, name
