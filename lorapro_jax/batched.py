@@ -14,7 +14,8 @@ Theorem 2.1's gradients in the same layout. Two paths compute the same map:
   anywhere in the dtype's range give finite results. It is taken, through
   `jax.lax.cond`, for a rank's pairs whenever the raw path cannot be trusted:
   a Gram trace below ``r·tiny/eps`` (B = 0 at LoRA's initialisation, or
-  entries whose squares underflow), or a bound on the output products above a
+  entries whose squares underflow) or above ``eps/tiny`` (whose inverse may
+  underflow; Inf when the squares overflow), or a bound on the output products above a
   quarter of the dtype's range (overflow, a non-finite coefficient, or a NaN
   or Inf input, which the fallback propagates per slice). The bound needs the
   largest gradient entry: one reduction over each gradient.
@@ -258,8 +259,10 @@ def _adjust_jit(arrays, layouts, x_choice, damping):
     eig_B = eq.DampedEig(eig.w[n:], eig.Q[n:])
     coef = _vmap_coefficients(G_A, G_B, C_A, C_B, s, eig_A, eig_B, x_choice)
     # Below tiny/eps a Gram matrix may have lost its small entries to underflow,
-    # and an exactly zero one may be an underflowed nonzero factor.
+    # and an exactly zero one may be an underflowed nonzero factor. Above eps/tiny
+    # (or at Inf: an overflowed product) its inverse may underflow to zero.
     floor = r * jnp.finfo(dtype).tiny / jnp.finfo(dtype).eps
+    ceiling = jnp.finfo(dtype).eps / jnp.finfo(dtype).tiny
     trace = lambda G: jnp.trace(G, axis1=-2, axis2=-1)
     # A bound on every partial sum of the output products (|A|max <= ‖A‖_F):
     # below it no product overflows, so none can give Inf - Inf = NaN.
@@ -269,7 +272,8 @@ def _adjust_jit(arrays, layouts, x_choice, damping):
     bound = r * jnp.maximum(
         amax(coef.M1) * gamma_A + amax(coef.M2) * jnp.sqrt(trace(G_A)),
         amax(coef.M3) * gamma_B + amax(coef.M4) * jnp.sqrt(trace(G_B)))
-    ok = (jnp.all(trace(G_A) >= floor) & jnp.all(trace(G_B) >= floor)
+    in_range = lambda G: jnp.all((trace(G) >= floor) & (trace(G) <= ceiling))
+    ok = (in_range(G_A) & in_range(G_B)
           & jnp.all(bound <= jnp.finfo(dtype).max / 4))  # False for any NaN
 
     def raw_path():

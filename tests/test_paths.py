@@ -114,16 +114,23 @@ def test_extreme_inputs_compiled(case, x_choice):
   _check_extreme(case, x_choice)
 
 
-# Not (1, 4, tiny A) with X = 0: there g^B = (I - B(BᵀB)⁻¹Bᵀ)·… is a difference
-# of nearly equal terms (m = r), correct only to about eps/δ.
+# Rank 1 with m or n = 1, gradients of the scaled factors: compiled, XLA turns
+# these products into elementwise ones and rewrites them. Not (1, 4, tiny A) with
+# X = 0 and the like: there g^B = (I - B(BᵀB)⁻¹Bᵀ)·… is a difference of nearly
+# equal terms (m = r), correct only to about eps/δ.
 @pytest.mark.parametrize("m, n, a, b, x_choice", [
+    # β² (or α²) underflows: the fallback once divided by β·β (XLA's rewrite
+    # of (x/β)/β) and returned ±max or 0/0.
     (2, 1, 1e2, 1e-21, "zero"), (2, 1, 1e2, 1e-21, "symmetric"),
-    (1, 4, 1e-22, 1e3, "symmetric")])
-def test_compiled_fallback_when_a_squared_scale_underflows(m, n, a, b, x_choice):
-  """Rank 1, m or n = 1, gradients of the scaled factors: the result is
-  representable although β² (or α²) underflows. Compiled, the fallback once
-  divided by β·β (XLA's rewrite of (x/β)/β) and returned ±max or 0/0; a fuzz
-  campaign found it."""
+    (1, 4, 1e-22, 1e3, "symmetric"),
+    # α² (or β²) overflows: the raw path once took the Inf Gram matrix, whose
+    # damped inverse is 0, and dropped the projection.
+    (5, 1, 1e20, 1.0, "zero"), (5, 1, 1e20, 1.0, "symmetric"),
+    (1, 5, 1.0, 1e20, "symmetric")])
+def test_compiled_rank_one_with_extreme_scales(m, n, a, b, x_choice):
+  """The first kind was found by a fuzz campaign, the second by a grid over
+  extreme scales compared with the op-by-op (disable_jit) result; the result
+  is representable in both."""
   rng = np.random.default_rng(2)
   A, B, g = random_pair(rng, m, n, 1)
   A, B = a * A, b * B
