@@ -263,17 +263,17 @@ def _adjust_jit(arrays, layouts, x_choice, damping):
     # (or at Inf: an overflowed product) its inverse may underflow to zero.
     floor = r * jnp.finfo(dtype).tiny / jnp.finfo(dtype).eps
     ceiling = jnp.finfo(dtype).eps / jnp.finfo(dtype).tiny
-    trace = lambda G: jnp.trace(G, axis1=-2, axis2=-1)
+    tr_A, tr_B = (jnp.trace(G, axis1=-2, axis2=-1) for G in (G_A, G_B))
     # A bound on every partial sum of the output products (|A|max <= ‖A‖_F):
     # below it no product overflows, so none can give Inf - Inf = NaN.
     amax = lambda x: jnp.max(jnp.abs(x), axis=(-2, -1))
     gamma_A = _cat([amax(p.g_A) for p in ps])
     gamma_B = _cat([amax(p.g_B) for p in ps])
     bound = r * jnp.maximum(
-        amax(coef.M1) * gamma_A + amax(coef.M2) * jnp.sqrt(trace(G_A)),
-        amax(coef.M3) * gamma_B + amax(coef.M4) * jnp.sqrt(trace(G_B)))
-    in_range = lambda G: jnp.all((trace(G) >= floor) & (trace(G) <= ceiling))
-    ok = (in_range(G_A) & in_range(G_B)
+        amax(coef.M1) * gamma_A + amax(coef.M2) * jnp.sqrt(tr_A),
+        amax(coef.M3) * gamma_B + amax(coef.M4) * jnp.sqrt(tr_B))
+    in_range = lambda tr: jnp.all((tr >= floor) & (tr <= ceiling))
+    ok = (in_range(tr_A) & in_range(tr_B)
           & jnp.all(bound <= jnp.finfo(dtype).max / 4))  # False for any NaN
 
     def raw_path():
