@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -43,8 +42,12 @@ def _pairs(params, grads):
 def _grams(pairs, with_amax):
   out = []
   for a, b, ga, gb in pairs:
-    prods = (lo.gram_A("flax", a, a), lo.gram_B("flax", b, b),
-             lo.gram_A("flax", ga, a), lo.gram_B("flax", b, gb))
+    prods = (
+      lo.gram_A("flax", a, a),
+      lo.gram_B("flax", b, b),
+      lo.gram_A("flax", ga, a),
+      lo.gram_B("flax", b, gb),
+    )
     if with_amax:
       prods += (jnp.max(jnp.abs(ga)), jnp.max(jnp.abs(gb)))
     out.append(prods)
@@ -62,8 +65,9 @@ def main(argv=None):
 
   params, grads = models.lora_tree(models.MODELS[args.model], args.layers, args.rank)
   pairs = _pairs(params, grads)
-  coef = jnp.asarray(0.1 * np.random.default_rng(0).standard_normal((4, 1, args.rank, args.rank)),
-                     jnp.float32)
+  coef = jnp.asarray(
+    0.1 * np.random.default_rng(0).standard_normal((4, 1, args.rank, args.rank)), jnp.float32
+  )
   adamw = optax.adamw(1e-4)
   flat = [x[0] for a, b, _, _ in pairs for x in (a, b)]
 
@@ -79,20 +83,22 @@ def main(argv=None):
 
   lp, lp_adamw = lpj.lorapro(2.0), optax.chain(lpj.lorapro(2.0), optax.adamw(1e-4))
   runners = [
-      timing.Runner("adamw", update(adamw), [grads, adamw.init(params), params], state_index=1),
-      timing.Runner("grams", lambda p: _grams(p, False), [pairs]),
-      timing.Runner("grams+amax", lambda p: _grams(p, True), [pairs]),
-      timing.Runner("outs+adamw", outs_adamw, [pairs, adamw.init(flat), flat], state_index=1),
-      timing.Runner("lorapro", update(lp), [grads, lp.init(params), params], state_index=1),
-      timing.Runner("lorapro+adamw", update(lp_adamw), [grads, lp_adamw.init(params), params],
-                    state_index=1),
+    timing.Runner("adamw", update(adamw), [grads, adamw.init(params), params], state_index=1),
+    timing.Runner("grams", lambda p: _grams(p, False), [pairs]),
+    timing.Runner("grams+amax", lambda p: _grams(p, True), [pairs]),
+    timing.Runner("outs+adamw", outs_adamw, [pairs, adamw.init(flat), flat], state_index=1),
+    timing.Runner("lorapro", update(lp), [grads, lp.init(params), params], state_index=1),
+    timing.Runner(
+      "lorapro+adamw", update(lp_adamw), [grads, lp_adamw.init(params), params], state_index=1
+    ),
   ]
   for r in runners:
     r.compile()
   res = timing.measure(runners, rounds=args.rounds, target_s=args.target_s)
   base = res["adamw"]["median_ms"]
-  print(f"{args.model} L{args.layers} r{args.rank}, {len(pairs)} pairs, "
-        f"{timing.device_info()['label']}")
+  print(
+    f"{args.model} L{args.layers} r{args.rank}, {len(pairs)} pairs, {timing.device_info()['label']}"
+  )
   for name, v in res.items():
     print(f"  {name:14s} {v['median_ms']:8.2f} ms  {v['median_ms'] / base:5.2f}x adamw")
 

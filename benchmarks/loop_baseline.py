@@ -38,9 +38,12 @@ def adjust_one(a, b, ga, gb, s, *, damping, x_choice, projector):
   A, B, gA, gB = (x[None] for x in (a, b, ga, gb))  # a batch of one, flax layout
   G_A, G_B = lo.gram_A("flax", A, A)[0], lo.gram_B("flax", B, B)[0]
   C_A, C_B = lo.gram_A("flax", gA, A)[0], lo.gram_B("flax", B, gB)[0]
-  M1, M2, M3, M4 = (M[None] for M in eq.coefficients(
-      G_A, G_B, C_A, C_B, s, eq.damped_eigh(G_A, damping), eq.damped_eigh(G_B, damping),
-      x_choice))
+  M1, M2, M3, M4 = (
+    M[None]
+    for M in eq.coefficients(
+      G_A, G_B, C_A, C_B, s, eq.damped_eigh(G_A, damping), eq.damped_eigh(G_B, damping), x_choice
+    )
+  )
   g_A = lo.left("flax", M1, gA) + lo.left("flax", M2, A)
   g_B = lo.right("flax", gB, M3) - lo.right("flax", B, M4)
   return g_A[0], g_B[0]
@@ -70,8 +73,9 @@ def _adjust_projector(a, b, ga, gb, s, *, damping, x_choice):
 class LoopLoraPro:
   """``step()`` adjusts every pair of ``grads`` with one jitted call per pair."""
 
-  def __init__(self, params, grads, scale, *, variant="factored", x_choice="sylvester",
-               damping=1e-6):
+  def __init__(
+    self, params, grads, scale, *, variant="factored", x_choice="sylvester", damping=1e-6
+  ):
     self.found = pairs_lib.find_pairs(params)
     for f in self.found:
       if f.layout != "flax" or f.batch_shape:
@@ -79,13 +83,17 @@ class LoopLoraPro:
     self.p_leaves = jax.tree.leaves(params)
     self.g_leaves, self.treedef = jax.tree.flatten(grads)
     self.scale = jnp.asarray(scale, jnp.float32)
-    self.fn = jax.jit(functools.partial(adjust_one, damping=damping, x_choice=x_choice,
-                                        projector=(variant == "projector")))
+    self.fn = jax.jit(
+      functools.partial(
+        adjust_one, damping=damping, x_choice=x_choice, projector=(variant == "projector")
+      )
+    )
 
   def step(self):
     out = list(self.g_leaves)
     p, g = self.p_leaves, self.g_leaves
     for f in self.found:
-      out[f.a_index], out[f.b_index] = self.fn(p[f.a_index], p[f.b_index], g[f.a_index],
-                                               g[f.b_index], self.scale)
+      out[f.a_index], out[f.b_index] = self.fn(
+        p[f.a_index], p[f.b_index], g[f.a_index], g[f.b_index], self.scale
+      )
     return jax.tree.unflatten(self.treedef, out)

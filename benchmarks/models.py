@@ -30,21 +30,42 @@ class ModelShapes:
 
 
 def _llama(d, f, L, name):
-  return ModelShapes(name, (("q", d, d), ("k", d, d), ("v", d, d), ("o", d, d),
-                            ("gate", d, f), ("up", d, f), ("down", f, d)), L)
+  return ModelShapes(
+    name,
+    (
+      ("q", d, d),
+      ("k", d, d),
+      ("v", d, d),
+      ("o", d, d),
+      ("gate", d, f),
+      ("up", d, f),
+      ("down", f, d),
+    ),
+    L,
+  )
 
 
 def _bert(d, f, L, name):
-  return ModelShapes(name, (("query", d, d), ("key", d, d), ("value", d, d),
-                            ("attn_out", d, d), ("ffn_in", d, f), ("ffn_out", f, d)), L)
+  return ModelShapes(
+    name,
+    (
+      ("query", d, d),
+      ("key", d, d),
+      ("value", d, d),
+      ("attn_out", d, d),
+      ("ffn_in", d, f),
+      ("ffn_out", f, d),
+    ),
+    L,
+  )
 
 
 MODELS = {
-    "llama2-7b": _llama(4096, 11008, 32, "llama2-7b"),
-    "bert-base": _bert(768, 3072, 12, "bert-base"),
-    "minilm": _bert(384, 1536, 6, "minilm"),
-    # --smoke only: 2 pairs of different shapes, compiles in seconds
-    "tiny": ModelShapes("tiny", (("q", 16, 16), ("up", 16, 32)), 1),
+  "llama2-7b": _llama(4096, 11008, 32, "llama2-7b"),
+  "bert-base": _bert(768, 3072, 12, "bert-base"),
+  "minilm": _bert(384, 1536, 6, "minilm"),
+  # --smoke only: 2 pairs of different shapes, compiles in seconds
+  "tiny": ModelShapes("tiny", (("q", 16, 16), ("up", 16, 32)), 1),
 }
 
 
@@ -61,8 +82,9 @@ def _normal(rng, shape, std, dtype):
   return jnp.asarray((rng.standard_normal(shape, dtype=np.float32) * std).astype(dtype))
 
 
-def lora_tree(model: ModelShapes, layers: int, r: int, seed: int = 0, dtype=jnp.float32,
-              stacked: bool = False):
+def lora_tree(
+  model: ModelShapes, layers: int, r: int, seed: int = 0, dtype=jnp.float32, stacked: bool = False
+):
   """(params, grads): ``{'layers': {'0': {'q': {'lora_a', 'lora_b'}, ...}}}``.
 
   With ``stacked=True`` every linear is one pair with a leading layer axis,
@@ -72,10 +94,14 @@ def lora_tree(model: ModelShapes, layers: int, r: int, seed: int = 0, dtype=jnp.
   rng = _rng(seed)
 
   def pair(shape_prefix, i, o):
-    p = {"lora_a": _normal(rng, shape_prefix + (i, r), 1 / np.sqrt(i), dtype),
-         "lora_b": _normal(rng, shape_prefix + (r, o), 0.01, dtype)}
-    g = {"lora_a": _normal(rng, shape_prefix + (i, r), 1.0, dtype),
-         "lora_b": _normal(rng, shape_prefix + (r, o), 1.0, dtype)}
+    p = {
+      "lora_a": _normal(rng, shape_prefix + (i, r), 1 / np.sqrt(i), dtype),
+      "lora_b": _normal(rng, shape_prefix + (r, o), 0.01, dtype),
+    }
+    g = {
+      "lora_a": _normal(rng, shape_prefix + (i, r), 1.0, dtype),
+      "lora_b": _normal(rng, shape_prefix + (r, o), 1.0, dtype),
+    }
     return p, g
 
   if stacked:
@@ -112,13 +138,20 @@ def abstract(tree):
 def abstract_lora_tree(model: ModelShapes, layers: int, r: int, dtype=jnp.float32):
   """Shapes only (nothing allocated): for compile-only memory analysis of big models."""
   sds = lambda s: jax.ShapeDtypeStruct(s, dtype)
-  t = {"layers": {str(l): {nm: {"lora_a": sds((i, r)), "lora_b": sds((r, o))}
-                           for nm, i, o in model.linears} for l in range(layers)}}
+  t = {
+    "layers": {
+      str(l): {nm: {"lora_a": sds((i, r)), "lora_b": sds((r, o))} for nm, i, o in model.linears}
+      for l in range(layers)
+    }
+  }
   return t, t
 
 
 def abstract_dense_tree(model: ModelShapes, layers: int, dtype=jnp.float32):
   sds = lambda s: jax.ShapeDtypeStruct(s, dtype)
-  t = {"layers": {str(l): {nm: {"kernel": sds((i, o))} for nm, i, o in model.linears}
-                  for l in range(layers)}}
+  t = {
+    "layers": {
+      str(l): {nm: {"kernel": sds((i, o))} for nm, i, o in model.linears} for l in range(layers)
+    }
+  }
   return t, t

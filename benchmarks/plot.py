@@ -5,14 +5,22 @@ from __future__ import annotations
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-COLORS = {"adamw": "#7f7f7f", "lorapro-sylvester+adamw": "#1f77b4", "lorapro-zero+adamw": "#17becf",
-          "lorapro-symmetric+adamw": "#9467bd", "lorapro-full": "#d62728",
-          "lorapro-full-bf16": "#ff9896", "dense-adamw": "#2ca02c",
-          "batched": "#1f77b4", "batched-stacked": "#17becf", "loop-factored": "#ff7f0e",
-          "loop-projector": "#d62728"}
+COLORS = {
+  "adamw": "#7f7f7f",
+  "lorapro-sylvester+adamw": "#1f77b4",
+  "lorapro-zero+adamw": "#17becf",
+  "lorapro-symmetric+adamw": "#9467bd",
+  "lorapro-full": "#d62728",
+  "lorapro-full-bf16": "#ff9896",
+  "dense-adamw": "#2ca02c",
+  "batched": "#1f77b4",
+  "batched-stacked": "#17becf",
+  "loop-factored": "#ff7f0e",
+  "loop-projector": "#d62728",
+}
 
 
 def _update_panel(ax, rows):
@@ -73,17 +81,27 @@ def plot(result, path):
   ad = [r for r in sc if r["section"] == "scaling_adapters"]
   rk = [r for r in sc if r["section"] == "scaling_rank"]
   if ad:
-    _scaling_panel(axes[1], ad, "adapters",
-                   f"2a. vs #adapters ({ad[0]['dim']}x{ad[0]['dim']}, r={ad[0]['rank']})")
+    _scaling_panel(
+      axes[1],
+      ad,
+      "adapters",
+      f"2a. vs #adapters ({ad[0]['dim']}x{ad[0]['dim']}, r={ad[0]['rank']})",
+    )
   if rk:
-    _scaling_panel(axes[2], rk, "rank",
-                   f"2b. vs rank ({rk[0]['adapters']} adapters of {rk[0]['dim']}x{rk[0]['dim']})")
+    _scaling_panel(
+      axes[2],
+      rk,
+      "rank",
+      f"2b. vs rank ({rk[0]['adapters']} adapters of {rk[0]['dim']}x{rk[0]['dim']})",
+    )
   if result.get("memory"):
     _memory_panel(axes[3], result["memory"])
   for ax in axes:
     if not ax.has_data():
       ax.set_axis_off()
-  fig.suptitle(f"lorapro_jax benchmarks on {result['device']['label']}, jax {result['device']['jax']}")
+  fig.suptitle(
+    f"lorapro_jax benchmarks on {result['device']['label']}, jax {result['device']['jax']}"
+  )
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)

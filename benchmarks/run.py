@@ -29,7 +29,6 @@ import warnings
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 import lorapro_jax as lpj
@@ -47,8 +46,9 @@ def efficient_tx(x):
 
 
 def full_tx(moment_dtype=jnp.float32):
-  return optax.chain(lpj.lorapro(SCALE, mode="full", moment_dtype=moment_dtype),
-                     optax.scale_by_learning_rate(1e-4))
+  return optax.chain(
+    lpj.lorapro(SCALE, mode="full", moment_dtype=moment_dtype), optax.scale_by_learning_rate(1e-4)
+  )
 
 
 def lora_variants(full: bool, x_choices=X_CHOICES, bf16: bool = True):
@@ -72,6 +72,7 @@ _COMPILED_MEMORY = {}
 def _update_fn(tx):
   def f(grads, state, params):
     return tx.update(grads, state, params)
+
   return f
 
 
@@ -79,8 +80,9 @@ def _update_fn(tx):
 # section 1 (and the measured part of 3): update time on real shapes
 
 
-def bench_update_config(model_name, layers, r, *, full, target_s, rounds, log,
-                        x_choices=X_CHOICES, bf16=True):
+def bench_update_config(
+  model_name, layers, r, *, full, target_s, rounds, log, x_choices=X_CHOICES, bf16=True
+):
   model = models.MODELS[model_name]
   cfg = f"{model_name} L{layers}/{model.total_layers} r{r}"
   log(f"[update] {cfg}: building parameters")
@@ -96,25 +98,52 @@ def bench_update_config(model_name, layers, r, *, full, target_s, rounds, log,
     runners.append(timing.Runner(name, _update_fn(tx), [gg, state, pp], state_index=1).compile())
     log(f"[update] {cfg}: compiled {name} in {runners[-1].compile_s:.1f}s")
     _COMPILED_MEMORY[(model_name, layers, r, name)] = (
-        meta[name]["state_bytes"], meta[name]["param_bytes"],
-        timing.memory_stats(runners[-1].compiled), runners[-1].compile_s)
+      meta[name]["state_bytes"],
+      meta[name]["param_bytes"],
+      timing.memory_stats(runners[-1].compiled),
+      runners[-1].compile_s,
+    )
   res = timing.measure(runners, rounds=rounds, target_s=target_s)
   rows = []
   for rn in runners:
-    rows.append({"section": "update", "config": cfg, "model": model_name, "layers": layers,
-                 "total_layers": model.total_layers, "rank": r, "variant": rn.name,
-                 "adapters": layers * len(model.linears), **res[rn.name],
-                 "compile_s": rn.compile_s, **meta[rn.name], **timing.memory_stats(rn.compiled)})
+    rows.append(
+      {
+        "section": "update",
+        "config": cfg,
+        "model": model_name,
+        "layers": layers,
+        "total_layers": model.total_layers,
+        "rank": r,
+        "variant": rn.name,
+        "adapters": layers * len(model.linears),
+        **res[rn.name],
+        "compile_s": rn.compile_s,
+        **meta[rn.name],
+        **timing.memory_stats(rn.compiled),
+      }
+    )
   base = res["adamw"]["median_ms"]
-  ratios = [{"config": cfg, "ratio": f"{x}/adamw", "value": res[f"lorapro-{x}+adamw"]["median_ms"] / base}
-            for x in x_choices]
+  ratios = [
+    {"config": cfg, "ratio": f"{x}/adamw", "value": res[f"lorapro-{x}+adamw"]["median_ms"] / base}
+    for x in x_choices
+  ]
   if full:
     dense = res["dense-adamw"]["median_ms"]
-    ratios.append({"config": cfg, "ratio": "full/dense-adamw",
-                   "value": res["lorapro-full"]["median_ms"] / dense})
+    ratios.append(
+      {
+        "config": cfg,
+        "ratio": "full/dense-adamw",
+        "value": res["lorapro-full"]["median_ms"] / dense,
+      }
+    )
     if bf16:
-      ratios.append({"config": cfg, "ratio": "full-bf16/dense-adamw",
-                     "value": res["lorapro-full-bf16"]["median_ms"] / dense})
+      ratios.append(
+        {
+          "config": cfg,
+          "ratio": "full-bf16/dense-adamw",
+          "value": res["lorapro-full-bf16"]["median_ms"] / dense,
+        }
+      )
   del runners, trees, p, g
   gc.collect()
   return rows, ratios
@@ -124,8 +153,20 @@ def bench_update_config(model_name, layers, r, *, full, target_s, rounds, log,
 # section 2: scaling, batched vs per-layer loop
 
 
-def _scaling_point(kind, value, dim, n_adapters, r, *, target_s, rounds, loops, log,
-                   max_loop_adapters, max_separate_adapters):
+def _scaling_point(
+  kind,
+  value,
+  dim,
+  n_adapters,
+  r,
+  *,
+  target_s,
+  rounds,
+  loops,
+  log,
+  max_loop_adapters,
+  max_separate_adapters,
+):
   """One point: the same adapters as separate leaves (batched, loops) and stacked."""
   model = models.square(f"{dim}x{dim}", dim)
   p, g = models.lora_tree(model, n_adapters, r, seed=3)
@@ -143,10 +184,24 @@ def _scaling_point(kind, value, dim, n_adapters, r, *, target_s, rounds, loops, 
   res = timing.measure(runners, rounds=rounds, target_s=target_s, max_reps=30)
   rows = []
   for rn in runners:
-    rows.append({"section": f"scaling_{kind}", "variant": rn.name, "adapters": n_adapters,
-                 "rank": r, "dim": dim, **res[rn.name], "compile_s": rn.compile_s})
-  log(f"[scaling] {kind}={value} ({n_adapters}x {dim}x{dim}, r={r}): " + ", ".join(
-      f"{rn.name} {res[rn.name]['median_ms']:.2f} ms (compile {rn.compile_s:.1f}s)" for rn in runners))
+    rows.append(
+      {
+        "section": f"scaling_{kind}",
+        "variant": rn.name,
+        "adapters": n_adapters,
+        "rank": r,
+        "dim": dim,
+        **res[rn.name],
+        "compile_s": rn.compile_s,
+      }
+    )
+  log(
+    f"[scaling] {kind}={value} ({n_adapters}x {dim}x{dim}, r={r}): "
+    + ", ".join(
+      f"{rn.name} {res[rn.name]['median_ms']:.2f} ms (compile {rn.compile_s:.1f}s)"
+      for rn in runners
+    )
+  )
   del runners, p, g, ps, gs
   gc.collect()
   return rows
@@ -157,23 +212,44 @@ def bench_scaling(args, log):
   loops = ("factored", "projector")
   for n in args.adapters:
     done[(args.adapter_dim, n, args.adapter_rank)] = len(rows)
-    rows += _scaling_point("adapters", n, args.adapter_dim, n, args.adapter_rank,
-                           target_s=args.target_s / 2, rounds=args.rounds, loops=loops, log=log,
-                           max_loop_adapters=args.max_loop_adapters,
-                           max_separate_adapters=args.max_separate_adapters)
+    rows += _scaling_point(
+      "adapters",
+      n,
+      args.adapter_dim,
+      n,
+      args.adapter_rank,
+      target_s=args.target_s / 2,
+      rounds=args.rounds,
+      loops=loops,
+      log=log,
+      max_loop_adapters=args.max_loop_adapters,
+      max_separate_adapters=args.max_separate_adapters,
+    )
   for r in args.scaling_ranks:
     if r > args.rank_dim:
       continue
     key = (args.rank_dim, args.rank_adapters, r)
     if key in done:  # the same point was measured in the adapters sweep
-      same = [x for x in rows if x["section"] == "scaling_adapters" and
-              (x["dim"], x["adapters"], x["rank"]) == key]
+      same = [
+        x
+        for x in rows
+        if x["section"] == "scaling_adapters" and (x["dim"], x["adapters"], x["rank"]) == key
+      ]
       rows += [{**x, "section": "scaling_rank"} for x in same]
       continue
-    rows += _scaling_point("rank", r, args.rank_dim, args.rank_adapters, r,
-                           target_s=args.target_s / 2, rounds=args.rounds, loops=loops, log=log,
-                           max_loop_adapters=args.max_loop_adapters,
-                           max_separate_adapters=args.max_separate_adapters)
+    rows += _scaling_point(
+      "rank",
+      r,
+      args.rank_dim,
+      args.rank_adapters,
+      r,
+      target_s=args.target_s / 2,
+      rounds=args.rounds,
+      loops=loops,
+      log=log,
+      max_loop_adapters=args.max_loop_adapters,
+      max_separate_adapters=args.max_separate_adapters,
+    )
   return rows
 
 
@@ -191,16 +267,18 @@ def bench_memory(model_name, layers, compile_layers, r, log):
   the per-layer figure is also reported.
   """
   model = models.MODELS[model_name]
-  p, g = models.abstract_lora_tree(model, layers, r)
-  dp, dg = models.abstract_dense_tree(model, layers)
+  p, _g = models.abstract_lora_tree(model, layers, r)
+  dp, _dg = models.abstract_dense_tree(model, layers)
   cp, cg = models.abstract_lora_tree(model, compile_layers, r)
   cdp, cdg = models.abstract_dense_tree(model, compile_layers)
   rows = []
-  variants = {"adamw": (optax.adamw(1e-4), "lora"),
-              "lorapro-sylvester+adamw": (efficient_tx("sylvester"), "lora"),
-              "lorapro-full": (full_tx(jnp.float32), "lora"),
-              "lorapro-full-bf16": (full_tx(jnp.bfloat16), "lora"),
-              "dense-adamw": (optax.adamw(1e-4), "dense")}
+  variants = {
+    "adamw": (optax.adamw(1e-4), "lora"),
+    "lorapro-sylvester+adamw": (efficient_tx("sylvester"), "lora"),
+    "lorapro-full": (full_tx(jnp.float32), "lora"),
+    "lorapro-full-bf16": (full_tx(jnp.bfloat16), "lora"),
+    "dense-adamw": (optax.adamw(1e-4), "dense"),
+  }
   for name, (tx, which) in variants.items():
     pp, (cpp, cgg) = (p, (cp, cg)) if which == "lora" else (dp, (cdp, cdg))
     state_bytes = timing.tree_bytes(jax.eval_shape(tx.init, pp))
@@ -209,20 +287,35 @@ def bench_memory(model_name, layers, compile_layers, r, log):
       stats, dt = cached[2], cached[3]
     else:
       t0 = time.perf_counter()
-      compiled = jax.jit(_update_fn(tx), donate_argnums=(1,)).lower(
-          cgg, jax.eval_shape(tx.init, cpp), cpp).compile()
+      compiled = (
+        jax.jit(_update_fn(tx), donate_argnums=(1,))
+        .lower(cgg, jax.eval_shape(tx.init, cpp), cpp)
+        .compile()
+      )
       dt = time.perf_counter() - t0
       stats = timing.memory_stats(compiled)
       del compiled
     temp = stats["temp_size_in_bytes"]
-    rows.append({"section": "memory", "config": f"{model_name} L{layers}/{model.total_layers} r{r}",
-                 "model": model_name, "layers": layers, "rank": r, "variant": name,
-                 "state_bytes": state_bytes, "param_bytes": timing.tree_bytes(pp),
-                 "compile_layers": compile_layers, "compile_s": dt,
-                 "temp_per_layer_bytes": None if temp is None else temp / compile_layers,
-                 **{f"compiled_{k}": v for k, v in stats.items()}})
-    log(f"[memory] {name}: state {state_bytes / 2**20:.1f} MiB at L{layers}; temp "
-        f"{(temp or 0) / 2**20:.1f} MiB at L{compile_layers} (compile {dt:.1f}s)")
+    rows.append(
+      {
+        "section": "memory",
+        "config": f"{model_name} L{layers}/{model.total_layers} r{r}",
+        "model": model_name,
+        "layers": layers,
+        "rank": r,
+        "variant": name,
+        "state_bytes": state_bytes,
+        "param_bytes": timing.tree_bytes(pp),
+        "compile_layers": compile_layers,
+        "compile_s": dt,
+        "temp_per_layer_bytes": None if temp is None else temp / compile_layers,
+        **{f"compiled_{k}": v for k, v in stats.items()},
+      }
+    )
+    log(
+      f"[memory] {name}: state {state_bytes / 2**20:.1f} MiB at L{layers}; temp "
+      f"{(temp or 0) / 2**20:.1f} MiB at L{compile_layers} (compile {dt:.1f}s)"
+    )
   return rows
 
 
@@ -233,15 +326,32 @@ def bench_memory(model_name, layers, compile_layers, r, log):
 def evaluate_targets(result):
   out = []
   ratios = result.get("ratios", [])
-  eff = [x for x in ratios if x["config"].startswith("llama2-7b") and x["config"].endswith(" r8")
-         and x["ratio"] == "sylvester/adamw"]
+  eff = [
+    x
+    for x in ratios
+    if x["config"].startswith("llama2-7b")
+    and x["config"].endswith(" r8")
+    and x["ratio"] == "sylvester/adamw"
+  ]
   for x in eff:
-    out.append({"target": "efficient (sylvester) <= 1.5x optax.adamw, Llama-2-7B shapes r=8",
-                "config": x["config"], "value": x["value"], "holds": x["value"] <= 1.5})
+    out.append(
+      {
+        "target": "efficient (sylvester) <= 1.5x optax.adamw, Llama-2-7B shapes r=8",
+        "config": x["config"],
+        "value": x["value"],
+        "holds": x["value"] <= 1.5,
+      }
+    )
   for x in ratios:
     if x["ratio"] == "full/dense-adamw":
-      out.append({"target": "full <= 1.5x dense AdamW on the same matrices", "config": x["config"],
-                  "value": x["value"], "holds": x["value"] <= 1.5})
+      out.append(
+        {
+          "target": "full <= 1.5x dense AdamW on the same matrices",
+          "config": x["config"],
+          "value": x["value"],
+          "holds": x["value"] <= 1.5,
+        }
+      )
   sc = [r for r in result.get("scaling", []) if r["section"] == "scaling_adapters"]
   need = 5.0 if result["device"]["platform"] == "gpu" else 1.0
   for n in sorted({r["adapters"] for r in sc if r["adapters"] >= 200}):
@@ -249,15 +359,26 @@ def evaluate_targets(result):
     for b in ("batched", "batched-stacked"):
       if "loop-factored" in by and b in by:
         sp = by["loop-factored"] / by[b]
-        out.append({"target": f"batched >= {need:g}x faster than the per-layer loop at 200+ adapters",
-                    "config": f"{n} adapters, {b} vs loop-factored", "value": sp,
-                    "holds": sp >= need and sp > 1.0})
+        out.append(
+          {
+            "target": f"batched >= {need:g}x faster than the per-layer loop at 200+ adapters",
+            "config": f"{n} adapters, {b} vs loop-factored",
+            "value": sp,
+            "holds": sp >= need and sp > 1.0,
+          }
+        )
   e2e = result.get("e2e") or {}
   by = {r["variant"]: r["median_ms"] for r in e2e.get("rows", [])}
   if "adamw" in by and "lorapro-sylvester+adamw" in by:
     v = by["lorapro-sylvester+adamw"] / by["adamw"]
-    out.append({"target": "e2e train step, LoRA-Pro efficient <= 1.05x plain LoRA",
-                "config": e2e["config"], "value": v, "holds": v <= 1.05})
+    out.append(
+      {
+        "target": "e2e train step, LoRA-Pro efficient <= 1.05x plain LoRA",
+        "config": e2e["config"],
+        "value": v,
+        "holds": v <= 1.05,
+      }
+    )
   return out
 
 
@@ -275,19 +396,28 @@ def format_tables(result) -> str:
   lines = [f"device: {result['device']['label']}; jax {result['device']['jax']}", ""]
   ups = result.get("update", [])
   if ups:
-    lines.append("== 1. optimizer update time (jitted, median of interleaved runs; state donated) ==")
-    lines.append(f"{'config':<24} {'variant':<26} {'median ms':>10} {'p25-p75 ms':>16} "
-                 f"{'x adamw':>8} {'x dense':>8} {'state MiB':>10} {'temp MiB':>9}")
+    lines.append(
+      "== 1. optimizer update time (jitted, median of interleaved runs; state donated) =="
+    )
+    lines.append(
+      f"{'config':<24} {'variant':<26} {'median ms':>10} {'p25-p75 ms':>16} "
+      f"{'x adamw':>8} {'x dense':>8} {'state MiB':>10} {'temp MiB':>9}"
+    )
     for cfg in dict.fromkeys(r["config"] for r in ups):
       rs = [r for r in ups if r["config"] == cfg]
       base = next(r for r in rs if r["variant"] == "adamw")["median_ms"]
       dense = next((r["median_ms"] for r in rs if r["variant"] == "dense-adamw"), None)
       for r in rs:
-        xd = f"{r['median_ms'] / dense:.2f}" if dense and r["variant"] in (
-            "lorapro-full", "lorapro-full-bf16", "dense-adamw") else ""
-        lines.append(f"{cfg:<24} {r['variant']:<26} {r['median_ms']:>10.2f} "
-                     f"{r['p25_ms']:>7.2f}-{r['p75_ms']:<8.2f} {r['median_ms'] / base:>8.2f} {xd:>8} "
-                     f"{_mib(r['state_bytes']):>10} {_mib(r['temp_size_in_bytes']):>9}")
+        xd = (
+          f"{r['median_ms'] / dense:.2f}"
+          if dense and r["variant"] in ("lorapro-full", "lorapro-full-bf16", "dense-adamw")
+          else ""
+        )
+        lines.append(
+          f"{cfg:<24} {r['variant']:<26} {r['median_ms']:>10.2f} "
+          f"{r['p25_ms']:>7.2f}-{r['p75_ms']:<8.2f} {r['median_ms'] / base:>8.2f} {xd:>8} "
+          f"{_mib(r['state_bytes']):>10} {_mib(r['temp_size_in_bytes']):>9}"
+        )
     lines.append("")
   sc = result.get("scaling", [])
   for kind, key in (("adapters", "adapters"), ("rank", "rank")):
@@ -296,33 +426,49 @@ def format_tables(result) -> str:
       continue
     variants = list(dict.fromkeys(r["variant"] for r in rs))
     r0 = rs[0]
-    what = (f"{r0['dim']}x{r0['dim']} adapters, r={r0['rank']}" if kind == "adapters"
-            else f"{r0['adapters']} adapters of {r0['dim']}x{r0['dim']}")
+    what = (
+      f"{r0['dim']}x{r0['dim']} adapters, r={r0['rank']}"
+      if kind == "adapters"
+      else f"{r0['adapters']} adapters of {r0['dim']}x{r0['dim']}"
+    )
     lines.append(f"== 2. scaling vs {kind} ({what}); LoRA-Pro adjustment only, median ms ==")
-    lines.append(f"{key:>9} " + " ".join(f"{v:>17}" for v in variants)
-                 + f" {'loop/batched':>13} {'loop/stacked':>13} {'compile s (batched, stacked)':>29}")
+    lines.append(
+      f"{key:>9} "
+      + " ".join(f"{v:>17}" for v in variants)
+      + f" {'loop/batched':>13} {'loop/stacked':>13} {'compile s (batched, stacked)':>29}"
+    )
     for val in dict.fromkeys(r[key] for r in rs):
       by = {r["variant"]: r["median_ms"] for r in rs if r[key] == val}
       cs = {r["variant"]: r["compile_s"] for r in rs if r[key] == val}
-      sp = [f"{by['loop-factored'] / by[b]:.1f}x" if "loop-factored" in by and b in by else "-"
-            for b in ("batched", "batched-stacked")]
+      sp = [
+        f"{by['loop-factored'] / by[b]:.1f}x" if "loop-factored" in by and b in by else "-"
+        for b in ("batched", "batched-stacked")
+      ]
       comp = ", ".join(f"{cs[b]:.1f}" if b in cs else "-" for b in ("batched", "batched-stacked"))
-      lines.append(f"{val:>9} " + " ".join(f"{by[v]:>17.2f}" if v in by else f"{'-':>17}"
-                                           for v in variants)
-                   + f" {sp[0]:>13} {sp[1]:>13} {comp:>29}")
+      lines.append(
+        f"{val:>9} "
+        + " ".join(f"{by[v]:>17.2f}" if v in by else f"{'-':>17}" for v in variants)
+        + f" {sp[0]:>13} {sp[1]:>13} {comp:>29}"
+      )
     lines.append("")
   mem = result.get("memory", [])
   if mem:
     cl = mem[0]["compile_layers"]
-    lines.append(f"== 3. memory, {mem[0]['config']}: exact optimizer-state bytes (eval_shape); "
-                 f"XLA temporaries of the update compiled at L{cl} ==")
-    lines.append(f"{'variant':<26} {'params MiB':>11} {'state MiB':>11} {'x adamw':>8} "
-                 f"{f'temp MiB L{cl}':>13} {'temp MiB/layer':>15}")
+    lines.append(
+      f"== 3. memory, {mem[0]['config']}: exact optimizer-state bytes (eval_shape); "
+      f"XLA temporaries of the update compiled at L{cl} =="
+    )
+    lines.append(
+      f"{'variant':<26} {'params MiB':>11} {'state MiB':>11} {'x adamw':>8} "
+      f"{f'temp MiB L{cl}':>13} {'temp MiB/layer':>15}"
+    )
     base = next(r["state_bytes"] for r in mem if r["variant"] == "adamw")
     for r in mem:
-      lines.append(f"{r['variant']:<26} {_mib(r.get('param_bytes')):>11} {_mib(r['state_bytes']):>11} "
-                   f"{r['state_bytes'] / base:>8.1f} {_mib(r['compiled_temp_size_in_bytes']):>13} "
-                   f"{_mib(r['temp_per_layer_bytes']):>15}")
+      lines.append(
+        f"{r['variant']:<26} {_mib(r.get('param_bytes')):>11} {_mib(r['state_bytes']):>11} "
+        f"{r['state_bytes'] / base:>8.1f} {_mib(r['compiled_temp_size_in_bytes']):>13} "
+        f"{_mib(r['temp_per_layer_bytes']):>15}"
+      )
     lines.append("")
   e2e = result.get("e2e")
   if e2e is not None:
@@ -330,10 +476,14 @@ def format_tables(result) -> str:
     if "skipped" in e2e:
       lines.append(f"skipped: {e2e['skipped']}")
     else:
-      lines.append(f"{e2e['config']}, {e2e['lora_params']} LoRA parameters, "
-                   f"{e2e.get('base_params', '?')} base parameters (full fine-tuning)")
+      lines.append(
+        f"{e2e['config']}, {e2e['lora_params']} LoRA parameters, "
+        f"{e2e.get('base_params', '?')} base parameters (full fine-tuning)"
+      )
       for r in e2e["rows"]:
-        lines.append(f"{r['variant']:<26} {r['median_ms']:>10.2f} ms  x{r['ratio_vs_adamw']:.2f} adamw")
+        lines.append(
+          f"{r['variant']:<26} {r['median_ms']:>10.2f} ms  x{r['ratio_vs_adamw']:.2f} adamw"
+        )
     lines.append("")
   if result.get("ratios"):
     lines.append("== ratios (same run) ==")
@@ -343,7 +493,9 @@ def format_tables(result) -> str:
   if result.get("targets"):
     lines.append("== targets ==")
     for t in result["targets"]:
-      lines.append(f"{'HOLDS' if t['holds'] else 'MISSED':<7} {t['target']} [{t['config']}]: {t['value']:.2f}")
+      lines.append(
+        f"{'HOLDS' if t['holds'] else 'MISSED':<7} {t['target']} [{t['config']}]: {t['value']:.2f}"
+      )
   return "\n".join(lines)
 
 
@@ -355,33 +507,50 @@ def _ints(s):
 
 
 def parse_args(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   ap.add_argument("--sections", default="update,scaling,memory,e2e")
   ap.add_argument("--layers", type=int, default=2, help="Llama-2-7B layers timed (of 32)")
   ap.add_argument("--ranks", type=_ints, default=[8, 32, 128], help="ranks on Llama-2-7B shapes")
-  ap.add_argument("--full-llama-layers", type=int, default=1,
-                  help="Llama-2-7B layers for full mode vs dense AdamW (0: skip)")
-  ap.add_argument("--small-models", default="minilm:6,bert-base:12",
-                  help="MODEL:LAYERS,... timed at --small-rank: adamw, lorapro-sylvester+adamw, "
-                       "full mode, dense AdamW (every x_choice and bf16 moments are timed on "
-                       "Llama-2-7B shapes)")
+  ap.add_argument(
+    "--full-llama-layers",
+    type=int,
+    default=1,
+    help="Llama-2-7B layers for full mode vs dense AdamW (0: skip)",
+  )
+  ap.add_argument(
+    "--small-models",
+    default="minilm:6,bert-base:12",
+    help="MODEL:LAYERS,... timed at --small-rank: adamw, lorapro-sylvester+adamw, "
+    "full mode, dense AdamW (every x_choice and bf16 moments are timed on "
+    "Llama-2-7B shapes)",
+  )
   ap.add_argument("--small-rank", type=int, default=8)
   ap.add_argument("--adapters", type=_ints, default=[8, 32, 128, 256, 512, 1024])
   ap.add_argument("--adapter-dim", type=int, default=512)
   ap.add_argument("--adapter-rank", type=int, default=8)
   ap.add_argument("--max-loop-adapters", type=int, default=1024)
-  ap.add_argument("--max-separate-adapters", type=int, default=256,
-                  help="largest #adapters timed as separate leaves with the batched engine "
-                       "(its compile time grows ~linearly with the leaf count); stacked "
-                       "leaves are timed at every point")
+  ap.add_argument(
+    "--max-separate-adapters",
+    type=int,
+    default=256,
+    help="largest #adapters timed as separate leaves with the batched engine "
+    "(its compile time grows ~linearly with the leaf count); stacked "
+    "leaves are timed at every point",
+  )
   ap.add_argument("--scaling-ranks", type=_ints, default=[4, 16, 64, 256])
   ap.add_argument("--rank-dim", type=int, default=1024)
   ap.add_argument("--rank-adapters", type=int, default=32)
   ap.add_argument("--memory-model", default="llama2-7b")
   ap.add_argument("--memory-layers", type=int, default=32)
   ap.add_argument("--memory-rank", type=int, default=8)
-  ap.add_argument("--memory-compile-layers", type=int, default=0,
-                  help="layers compiled for XLA temporaries (default: --full-llama-layers)")
+  ap.add_argument(
+    "--memory-compile-layers",
+    type=int,
+    default=0,
+    help="layers compiled for XLA temporaries (default: --full-llama-layers)",
+  )
   ap.add_argument("--e2e-rank", type=int, default=8)
   ap.add_argument("--e2e-batch", type=int, default=16)
   ap.add_argument("--e2e-seq", type=int, default=32)
@@ -390,7 +559,9 @@ def parse_args(argv=None):
   ap.add_argument("--quick", action="store_true", help="fewer points (a few minutes)")
   ap.add_argument("--smoke", action="store_true", help="tiny shapes (seconds), for tests")
   ap.add_argument("--smoke-e2e", action="store_true", help="with --smoke: include a tiny e2e step")
-  ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+  ap.add_argument(
+    "--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+  )
   ap.add_argument("--tag", default=None, help="file name stem (default: the JAX platform)")
   ap.add_argument("--no-plot", action="store_true")
   args = ap.parse_args(argv)
@@ -433,9 +604,18 @@ def main(argv=None):
   args = parse_args(argv)
   warnings.filterwarnings("ignore", message=".*[Dd]onat.*")
   t_start = time.perf_counter()
-  log = lambda msg: print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}", file=sys.stderr, flush=True)
-  result = {"device": timing.device_info(), "settings": {k: v for k, v in vars(args).items()},
-            "update": [], "ratios": [], "scaling": [], "memory": [], "e2e": None}
+  log = lambda msg: print(
+    f"[{time.perf_counter() - t_start:7.1f}s] {msg}", file=sys.stderr, flush=True
+  )
+  result = {
+    "device": timing.device_info(),
+    "settings": {k: v for k, v in vars(args).items()},
+    "update": [],
+    "ratios": [],
+    "scaling": [],
+    "memory": [],
+    "e2e": None,
+  }
   log(f"device: {result['device']['label']}")
   if "update" in args.sections:
     # (model, layers, rank, full mode?, x_choices, bf16 moments?)
@@ -447,11 +627,28 @@ def main(argv=None):
     for spec in [m for m in args.small_models.split(",") if m]:
       name, _, nl = spec.partition(":")
       small_x = X_CHOICES if args.smoke else ("sylvester",)
-      configs.append((name, int(nl) if nl else models.MODELS[name].total_layers, args.small_rank,
-                      True, small_x, args.smoke))
+      configs.append(
+        (
+          name,
+          int(nl) if nl else models.MODELS[name].total_layers,
+          args.small_rank,
+          True,
+          small_x,
+          args.smoke,
+        )
+      )
     for model_name, layers, r, full, xs, bf16 in configs:
-      rows, ratios = bench_update_config(model_name, layers, r, full=full, target_s=args.target_s,
-                                         rounds=args.rounds, log=log, x_choices=xs, bf16=bf16)
+      rows, ratios = bench_update_config(
+        model_name,
+        layers,
+        r,
+        full=full,
+        target_s=args.target_s,
+        rounds=args.rounds,
+        log=log,
+        x_choices=xs,
+        bf16=bf16,
+      )
       result["update"] += rows
       result["ratios"] += ratios
       _checkpoint(result, args)
@@ -460,17 +657,23 @@ def main(argv=None):
     _checkpoint(result, args)
   if "memory" in args.sections and args.memory_layers > 0:
     compile_layers = args.memory_compile_layers or max(args.full_llama_layers, 1)
-    result["memory"] = bench_memory(args.memory_model, args.memory_layers, compile_layers,
-                                    args.memory_rank, log)
+    result["memory"] = bench_memory(
+      args.memory_model, args.memory_layers, compile_layers, args.memory_rank, log
+    )
   if "e2e" in args.sections and args.smoke and not args.smoke_e2e:
     result["e2e"] = {"skipped": "--smoke (add --smoke-e2e to compile a tiny MiniLM step)"}
   elif "e2e" in args.sections:
     from benchmarks import e2e_minilm
+
     log("[e2e] MiniLM train step")
-    result["e2e"] = e2e_minilm.run(rank=args.e2e_rank, batch=4 if args.smoke else args.e2e_batch,
-                                   seq=8 if args.smoke else args.e2e_seq, smoke=args.smoke,
-                                   target_s=0.05 if args.smoke else 2.0,
-                                   rounds=1 if args.smoke else 2 * args.rounds)
+    result["e2e"] = e2e_minilm.run(
+      rank=args.e2e_rank,
+      batch=4 if args.smoke else args.e2e_batch,
+      seq=8 if args.smoke else args.e2e_seq,
+      smoke=args.smoke,
+      target_s=0.05 if args.smoke else 2.0,
+      rounds=1 if args.smoke else 2 * args.rounds,
+    )
   else:
     result["e2e"] = {"skipped": "section not selected"}
   result["targets"] = evaluate_targets(result)
@@ -487,7 +690,8 @@ def main(argv=None):
   if not args.no_plot:
     try:
       from benchmarks import plot
-      png = plot.plot(result, json_path[:-len(".json")] + ".png")
+
+      png = plot.plot(result, json_path[: -len(".json")] + ".png")
       log(f"wrote {png}")
     except ImportError as e:
       log(f"no plot ({e}); pip install matplotlib")

@@ -14,11 +14,11 @@ import dataclasses
 import os
 import platform
 import time
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import numpy as np
-
 
 # XLA options for every Runner compile; --smoke sets a fast, unoptimised build.
 COMPILER_OPTIONS: dict = {}
@@ -29,22 +29,27 @@ def device_info() -> dict:
   """What the numbers were measured on."""
   d = jax.devices()[0]
   return {
-      "platform": d.platform,
-      "device_kind": d.device_kind,
-      "device_count": jax.device_count(),
-      "cpu_count": os.cpu_count(),
-      "jax": jax.__version__,
-      "machine": platform.machine(),
-      "processor": platform.processor() or platform.machine(),
-      "label": f"{d.device_kind} ({d.platform}, {jax.device_count()} device(s), "
-               f"{os.cpu_count()} CPU cores)",
+    "platform": d.platform,
+    "device_kind": d.device_kind,
+    "device_count": jax.device_count(),
+    "cpu_count": os.cpu_count(),
+    "jax": jax.__version__,
+    "machine": platform.machine(),
+    "processor": platform.processor() or platform.machine(),
+    "label": f"{d.device_kind} ({d.platform}, {jax.device_count()} device(s), "
+    f"{os.cpu_count()} CPU cores)",
   }
 
 
 def tree_bytes(tree) -> int:
   """Exact bytes of the array leaves of a pytree (``optax.MaskedNode`` has none)."""
-  return int(sum(np.prod(x.shape, dtype=np.int64) * np.dtype(x.dtype).itemsize
-                 for x in jax.tree.leaves(tree) if hasattr(x, "shape") and hasattr(x, "dtype")))
+  return int(
+    sum(
+      np.prod(x.shape, dtype=np.int64) * np.dtype(x.dtype).itemsize
+      for x in jax.tree.leaves(tree)
+      if hasattr(x, "shape") and hasattr(x, "dtype")
+    )
+  )
 
 
 def memory_stats(compiled) -> dict:
@@ -53,8 +58,13 @@ def memory_stats(compiled) -> dict:
     m = compiled.memory_analysis()
   except Exception:  # some backends do not implement it
     m = None
-  keys = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes",
-          "alias_size_in_bytes", "generated_code_size_in_bytes")
+  keys = (
+    "temp_size_in_bytes",
+    "argument_size_in_bytes",
+    "output_size_in_bytes",
+    "alias_size_in_bytes",
+    "generated_code_size_in_bytes",
+  )
   if m is None:
     return {k: None for k in keys}
   return {k: int(getattr(m, k, 0) or 0) for k in keys}
@@ -69,10 +79,11 @@ class Runner:
   after every call, as a real train step does. Otherwise ``fn(*args)`` returns
   anything and all arguments are kept.
   """
+
   name: str
   fn: Callable
   args: list
-  state_index: Optional[int] = None
+  state_index: int | None = None
   compiled: Any = None
   compile_s: float = float("nan")
   times: list = dataclasses.field(default_factory=list)
@@ -80,8 +91,11 @@ class Runner:
   def compile(self, donate: bool = True):
     donate_argnums = (self.state_index,) if (donate and self.state_index is not None) else ()
     t0 = time.perf_counter()
-    self.compiled = jax.jit(self.fn, donate_argnums=donate_argnums).lower(*self.args).compile(
-        compiler_options=COMPILER_OPTIONS or None)
+    self.compiled = (
+      jax.jit(self.fn, donate_argnums=donate_argnums)
+      .lower(*self.args)
+      .compile(compiler_options=COMPILER_OPTIONS or None)
+    )
     self.compile_s = time.perf_counter() - t0
     return self
 
@@ -98,6 +112,7 @@ class Runner:
 @dataclasses.dataclass
 class PyRunner:
   """A Python-level step (e.g. a loop of jitted per-layer calls)."""
+
   name: str
   step: Callable[[], Any]  # runs one step, returns what to block on
   compile_s: float = float("nan")
@@ -119,12 +134,24 @@ class PyRunner:
 
 def summarise(times: Sequence[float]) -> dict:
   t = np.asarray(times) * 1e3
-  return {"median_ms": float(np.median(t)), "p25_ms": float(np.percentile(t, 25)),
-          "p75_ms": float(np.percentile(t, 75)), "min_ms": float(np.min(t)), "n": int(t.size)}
+  return {
+    "median_ms": float(np.median(t)),
+    "p25_ms": float(np.percentile(t, 25)),
+    "p75_ms": float(np.percentile(t, 75)),
+    "min_ms": float(np.min(t)),
+    "n": int(t.size),
+  }
 
 
-def measure(runners: Sequence, *, warmup: int = 2, rounds: int = 5,
-            target_s: float = 1.0, max_reps: int = 50, min_reps: int = 3) -> dict:
+def measure(
+  runners: Sequence,
+  *,
+  warmup: int = 2,
+  rounds: int = 5,
+  target_s: float = 1.0,
+  max_reps: int = 50,
+  min_reps: int = 3,
+) -> dict:
   """Median time of each runner, measured interleaved.
 
   After ``warmup`` calls each, the number of repetitions is chosen so that a
@@ -138,9 +165,14 @@ def measure(runners: Sequence, *, warmup: int = 2, rounds: int = 5,
     for _ in range(warmup - 1 if est[r.name] < 0.5 else 0):  # slow steps: one warm-up call
       est[r.name] = r.call()
   # Steps slower than 2 s (full mode on a Llama layer under load) get 2 repetitions.
-  reps = {r.name: (2 if est[r.name] > 2.0 else
-                   int(np.clip(target_s / max(est[r.name], 1e-6), min_reps, max_reps)))
-          for r in runners}
+  reps = {
+    r.name: (
+      2
+      if est[r.name] > 2.0
+      else int(np.clip(target_s / max(est[r.name], 1e-6), min_reps, max_reps))
+    )
+    for r in runners
+  }
   rounds = max(1, min(rounds, min(reps.values())))
   for k in range(rounds):
     for r in runners:

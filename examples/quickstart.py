@@ -20,8 +20,9 @@ import lorapro_jax as lpj
 
 class MLP(nnx.Module):
   def __init__(self, sizes, rank, rngs):
-    self.layers = nnx.List([nnx.LoRALinear(i, o, lora_rank=rank, rngs=rngs)
-                            for i, o in zip(sizes[:-1], sizes[1:])])
+    self.layers = nnx.List(
+      [nnx.LoRALinear(i, o, lora_rank=rank, rngs=rngs) for i, o in zip(sizes[:-1], sizes[1:])]
+    )
 
   def __call__(self, x):
     for layer in self.layers[:-1]:
@@ -63,9 +64,11 @@ def main():
   y = teacher(x)
 
   txs = {
-      "LoRA (AdamW)": optax.adamw(args.lr, weight_decay=0.0),
-      "LoRA-Pro efficient": optax.chain(lpj.lorapro(scale=1.0), optax.adamw(args.lr, weight_decay=0.0)),
-      "LoRA-Pro full": lpj.lorapro_adamw(args.lr, scale=1.0, mode="full", weight_decay=0.0),
+    "LoRA (AdamW)": optax.adamw(args.lr, weight_decay=0.0),
+    "LoRA-Pro efficient": optax.chain(
+      lpj.lorapro(scale=1.0), optax.adamw(args.lr, weight_decay=0.0)
+    ),
+    "LoRA-Pro full": lpj.lorapro_adamw(args.lr, scale=1.0, mode="full", weight_decay=0.0),
   }
   print(f"{'method':<22}{'loss@0':>10}{'loss@end':>12}")
   for name, tx in txs.items():

@@ -53,13 +53,14 @@ import time
 if __name__ == "__main__" and "XLA_FLAGS" not in os.environ:
   os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-import lorapro_jax as lpj  # noqa: E402
+import lorapro_jax as lpj
 
 DIMS = (64, 128, 32)  # in -> hidden -> out
 RANK, ALPHA = 4, 8.0
@@ -75,20 +76,30 @@ def make_mesh():
 def param_specs():
   """FSDP: kernels, A (in features) and B (out features) split over "fsdp"."""
   layer = {"lora_a": P("fsdp", None), "lora_b": P(None, "fsdp")}
-  return {"frozen": {"l1": P("fsdp", None), "l2": P("fsdp", None)},
-          "lora": {"l1": layer, "l2": layer}}
+  return {
+    "frozen": {"l1": P("fsdp", None), "l2": P("fsdp", None)},
+    "lora": {"l1": layer, "l2": layer},
+  }
 
 
 def init_params(key):
   k = jax.random.split(key, 4)
   (i, h, o) = DIMS
-  frozen = {"l1": jax.random.normal(k[0], (i, h)) / np.sqrt(i),
-            "l2": jax.random.normal(k[1], (h, o)) / np.sqrt(h)}
+  frozen = {
+    "l1": jax.random.normal(k[0], (i, h)) / np.sqrt(i),
+    "l2": jax.random.normal(k[1], (h, o)) / np.sqrt(h),
+  }
   # LoRA initialisation: A random, B zero.
-  lora = {"l1": {"lora_a": jax.random.normal(k[2], (i, RANK)) / np.sqrt(i),
-                 "lora_b": jnp.zeros((RANK, h))},
-          "l2": {"lora_a": jax.random.normal(k[3], (h, RANK)) / np.sqrt(h),
-                 "lora_b": jnp.zeros((RANK, o))}}
+  lora = {
+    "l1": {
+      "lora_a": jax.random.normal(k[2], (i, RANK)) / np.sqrt(i),
+      "lora_b": jnp.zeros((RANK, h)),
+    },
+    "l2": {
+      "lora_a": jax.random.normal(k[3], (h, RANK)) / np.sqrt(h),
+      "lora_b": jnp.zeros((RANK, o)),
+    },
+  }
   return {"frozen": frozen, "lora": lora}
 
 
@@ -110,10 +121,13 @@ def make_teacher(key, frozen):
   """The frozen network plus a rank-RANK change of each kernel."""
   k = jax.random.split(key, 4)
   (i, h, o) = DIMS
-  shift = lambda ka, kb, m, n: 0.5 * (jax.random.normal(ka, (m, RANK)) @
-                                      jax.random.normal(kb, (RANK, n))) / np.sqrt(m * RANK)
-  return {"l1": frozen["l1"] + shift(k[0], k[1], i, h),
-          "l2": frozen["l2"] + shift(k[2], k[3], h, o)}
+  shift = lambda ka, kb, m, n: (
+    0.5 * (jax.random.normal(ka, (m, RANK)) @ jax.random.normal(kb, (RANK, n))) / np.sqrt(m * RANK)
+  )
+  return {
+    "l1": frozen["l1"] + shift(k[0], k[1], i, h),
+    "l2": frozen["l2"] + shift(k[2], k[3], h, o),
+  }
 
 
 def make_batch(key, teacher, batch_size):
@@ -125,12 +139,17 @@ def make_batch(key, teacher, batch_size):
 def state_shardings(tx, lora, mode, mesh):
   """Shardings of ``tx.init(lora)``: moments like the params (efficient mode)
   or like the adapted weights (full mode); counts etc. replicated."""
-  moments = (lpj.full_moment_shardings(lora) if mode == "full"
-             else jax.tree.map(lambda x: x.sharding, lora))
+  moments = (
+    lpj.full_moment_shardings(lora) if mode == "full" else jax.tree.map(lambda x: x.sharding, lora)
+  )
   return optax.tree.map_params(
-      tx, lambda _, s: s, jax.eval_shape(tx.init, lora), moments,
-      transform_non_params=lambda _: NamedSharding(mesh, P()),
-      is_leaf=lambda x: isinstance(x, lpj.PairedSlot))
+    tx,
+    lambda _, s: s,
+    jax.eval_shape(tx.init, lora),
+    moments,
+    transform_non_params=lambda _: NamedSharding(mesh, P()),
+    is_leaf=lambda x: isinstance(x, lpj.PairedSlot),
+  )
 
 
 def main(argv=None):
@@ -139,8 +158,11 @@ def main(argv=None):
   parser.add_argument("--steps", type=int, default=200)
   parser.add_argument("--batch-size", type=int, default=256)
   parser.add_argument("--lr", type=float, default=1e-2)
-  parser.add_argument("--checkpoint-dir", default=None,
-                      help="save params and optimizer state here with Orbax at the end")
+  parser.add_argument(
+    "--checkpoint-dir",
+    default=None,
+    help="save params and optimizer state here with Orbax at the end",
+  )
   args = parser.parse_args(argv)
 
   mesh = make_mesh()
@@ -151,8 +173,9 @@ def main(argv=None):
   frozen, lora = params["frozen"], params["lora"]
   teacher = make_teacher(jax.random.key(1), init_params(jax.random.key(0))["frozen"])
 
-  tx = lpj.lorapro_adamw(optax.cosine_decay_schedule(args.lr, args.steps), scale=SCALE,
-                         mode=args.mode, weight_decay=1e-4)
+  tx = lpj.lorapro_adamw(
+    optax.cosine_decay_schedule(args.lr, args.steps), scale=SCALE, mode=args.mode, weight_decay=1e-4
+  )
   opt_sh = state_shardings(tx, lora, args.mode, mesh)
   opt_state = jax.jit(tx.init, out_shardings=opt_sh)(lora)
 
@@ -162,8 +185,11 @@ def main(argv=None):
     return optax.apply_updates(lora, updates), opt_state, loss
 
   # Pin the layouts of what the step returns, and donate what it replaces.
-  train_step = jax.jit(train_step, donate_argnums=(0, 1),
-                       out_shardings=(shardings["lora"], opt_sh, NamedSharding(mesh, P())))
+  train_step = jax.jit(
+    train_step,
+    donate_argnums=(0, 1),
+    out_shardings=(shardings["lora"], opt_sh, NamedSharding(mesh, P())),
+  )
 
   main_process = jax.process_index() == 0
   if main_process:
@@ -173,8 +199,9 @@ def main(argv=None):
   first = float(evaluate(lora, frozen, eval_batch))
   start = time.time()
   for step in range(args.steps):
-    batch = jax.device_put(make_batch(jax.random.key(100 + step), teacher, args.batch_size),
-                           batch_sharding)
+    batch = jax.device_put(
+      make_batch(jax.random.key(100 + step), teacher, args.batch_size), batch_sharding
+    )
     lora, opt_state, loss = train_step(lora, opt_state, frozen, batch)
     if main_process and (step % 50 == 0 or step == args.steps - 1):
       print(f"step {step:4d}  train loss {float(loss):.5f}")
@@ -187,16 +214,22 @@ def main(argv=None):
 
   if args.checkpoint_dir:
     import orbax.checkpoint as ocp  # pip install orbax-checkpoint
+
     with ocp.CheckpointManager(os.path.abspath(args.checkpoint_dir)) as mngr:
       mngr.save(args.steps, args=ocp.args.StandardSave({"lora": lora, "opt_state": opt_state}))
       mngr.wait_until_finished()
       # Restoring onto the mesh: the target carries shapes, dtypes and shardings.
-      target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                            {"lora": lora, "opt_state": opt_state})
+      target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+        {"lora": lora, "opt_state": opt_state},
+      )
       restored = mngr.restore(args.steps, args=ocp.args.StandardRestore(target))
-    assert all(jnp.array_equal(a, b) for a, b in zip(jax.tree.leaves(restored),
-                                                     jax.tree.leaves({"lora": lora,
-                                                                      "opt_state": opt_state})))
+    assert all(
+      jnp.array_equal(a, b)
+      for a, b in zip(
+        jax.tree.leaves(restored), jax.tree.leaves({"lora": lora, "opt_state": opt_state})
+      )
+    )
     if main_process:
       print(f"checkpoint saved to and restored from {args.checkpoint_dir}")
   return first, last

@@ -11,14 +11,33 @@ Modules:
 
 from lorapro_jax.diagnostics import equivalent_gradients
 from lorapro_jax.pairs import FLAX_NNX, PEFT, QWIX, LoRAPair, LoRASpec, find_pairs
-from lorapro_jax.transform import (DEFAULT_DAMPING, LoraProWeightDecayState, PairedSlot,
-                                   ScaleByLoraProFullState, add_lorapro_weight_decay,
-                                   full_moment_shardings, lorapro, lorapro_adamw)
+from lorapro_jax.transform import (
+  DEFAULT_DAMPING,
+  LoraProWeightDecayState,
+  PairedSlot,
+  ScaleByLoraProFullState,
+  add_lorapro_weight_decay,
+  full_moment_shardings,
+  lorapro,
+  lorapro_adamw,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DEFAULT_DAMPING", "FLAX_NNX", "LoRAPair", "LoRASpec", "LoraProWeightDecayState", "PEFT", "PairedSlot",
-    "QWIX", "ScaleByLoraProFullState", "add_lorapro_weight_decay", "equivalent_gradients",
-    "find_pairs", "full_moment_shardings", "lorapro", "lorapro_adamw",
+  "DEFAULT_DAMPING",
+  "FLAX_NNX",
+  "PEFT",
+  "QWIX",
+  "LoRAPair",
+  "LoRASpec",
+  "LoraProWeightDecayState",
+  "PairedSlot",
+  "ScaleByLoraProFullState",
+  "add_lorapro_weight_decay",
+  "equivalent_gradients",
+  "find_pairs",
+  "full_moment_shardings",
+  "lorapro",
+  "lorapro_adamw",
 ]

@@ -27,8 +27,9 @@ and no host synchronisation.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from functools import partial
-from typing import Literal, NamedTuple, Sequence
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -61,7 +62,7 @@ def _split(x, sizes):
     return [x]
   out, start = [], 0
   for k in sizes:
-    out.append(x[start:start + k])
+    out.append(x[start : start + k])
     start += k
   return out
 
@@ -82,6 +83,7 @@ class Group:
 @dataclasses.dataclass
 class Prepared:
   """Normalised factors and damped Gram eigendecompositions of every pair."""
+
   groups: list[Group]
   buckets: dict  # (r, dtype) -> list of group indices sharing one eigh call
   n_pairs: int
@@ -99,8 +101,9 @@ class Prepared:
     return [_cat([per_pair[i] for i in grp.members]) for grp in self.groups]
 
 
-def prepare(As: Sequence[jax.Array], Bs: Sequence[jax.Array],
-            scales: Sequence[jax.Array], damping) -> Prepared:
+def prepare(
+  As: Sequence[jax.Array], Bs: Sequence[jax.Array], scales: Sequence[jax.Array], damping
+) -> Prepared:
   """Normalises A and B and decomposes their damped Gram matrices.
 
   Args:
@@ -150,8 +153,9 @@ def _sylvester_Y(prep: Prepared, gA: Sequence[jax.Array]) -> list[jax.Array]:
   Ys = [None] * len(prep.groups)
   for gis in prep.buckets.values():
     grps = [prep.groups[g] for g in gis]
-    C = _cat([_vmap_rhs(gA[g], grp.A, _unit(grp.B), grp.G_B_inv, grp.s)
-              for g, grp in zip(gis, grps)])
+    C = _cat(
+      [_vmap_rhs(gA[g], grp.A, _unit(grp.B), grp.G_B_inv, grp.s) for g, grp in zip(gis, grps)]
+    )
     ratio = _cat([(grp.B.scale / grp.A.scale) ** 2 for grp in grps])
     eig_B = eq.DampedEig(*(_cat(x) for x in zip(*(grp.eig_B for grp in grps))))
     eig_A = eq.DampedEig(*(_cat(x) for x in zip(*(grp.eig_A for grp in grps))))
@@ -167,8 +171,9 @@ def _max_abs(ga, gb):
   return jnp.maximum(m(ga), m(gb))
 
 
-def adjust_normalised(prep: Prepared, gA: Sequence[jax.Array], gB: Sequence[jax.Array],
-                      x_choice: XChoice) -> tuple[list[jax.Array], list[jax.Array]]:
+def adjust_normalised(
+  prep: Prepared, gA: Sequence[jax.Array], gB: Sequence[jax.Array], x_choice: XChoice
+) -> tuple[list[jax.Array], list[jax.Array]]:
   """Theorem 2.1 on normalised factors, for every group (paper orientation;
   inputs and outputs batched per group).
 
@@ -188,21 +193,28 @@ def adjust_normalised(prep: Prepared, gA: Sequence[jax.Array], gB: Sequence[jax.
     Ys = _sylvester_Y(prep, gA)
     y_divs = [grp.B.scale for grp in prep.groups]
   elif x_choice == "symmetric":  # Y passed as α·Y
-    Ys = [_vmap_sym(gb, _unit(grp.A), grp.B, grp.G_A_inv, grp.G_B_inv, grp.s)
-          for gb, grp in zip(gB, prep.groups)]
+    Ys = [
+      _vmap_sym(gb, _unit(grp.A), grp.B, grp.G_A_inv, grp.G_B_inv, grp.s)
+      for gb, grp in zip(gB, prep.groups)
+    ]
     y_divs = [grp.A.scale for grp in prep.groups]
   elif x_choice == "zero":
     Ys = [jnp.zeros_like(grp.G_A_inv) for grp in prep.groups]
     y_divs = [jnp.ones_like(grp.s) for grp in prep.groups]
-  out = [_vmap_adjust(ga, gb, grp.A, grp.B, grp.G_A_inv, grp.G_B_inv, Y, grp.s, d, g[:, 0, 0])
-         for ga, gb, Y, d, g, grp in zip(gA, gB, Ys, y_divs, gammas, prep.groups)]
+  out = [
+    _vmap_adjust(ga, gb, grp.A, grp.B, grp.G_A_inv, grp.G_B_inv, Y, grp.s, d, g[:, 0, 0])
+    for ga, gb, Y, d, g, grp in zip(gA, gB, Ys, y_divs, gammas, prep.groups)
+  ]
   nan = lambda x, ok: jnp.where(ok, x, jnp.nan)
-  return ([nan(o[0], ok) for o, ok in zip(out, finite)],
-          [nan(o[1], ok) for o, ok in zip(out, finite)])
+  return (
+    [nan(o[0], ok) for o, ok in zip(out, finite)],
+    [nan(o[1], ok) for o, ok in zip(out, finite)],
+  )
 
 
 class LeafPair(NamedTuple):
   """One pair in its storage layout, batch axes flattened to N (see module doc)."""
+
   A: jax.Array
   B: jax.Array
   g_A: jax.Array  # g_lora^A, laid out like A
@@ -214,16 +226,21 @@ class LeafPair(NamedTuple):
 def _normalised_path(pairs: Sequence[LeafPair], x_choice, damping):
   """`adjust_normalised` on leaf-layout pairs (the fallback of `adjust`)."""
   paper = lambda x, p: lo.to_paper(x, p.layout)
-  prep = prepare([paper(p.A, p) for p in pairs], [paper(p.B, p) for p in pairs],
-                 [p.s for p in pairs], damping)
-  gA, gB = adjust_normalised(prep, prep.gather([paper(p.g_A, p) for p in pairs]),
-                             prep.gather([paper(p.g_B, p) for p in pairs]), x_choice)
-  return [(paper(a, p), paper(b, p))
-          for a, b, p in zip(prep.split(gA), prep.split(gB), pairs)]
+  prep = prepare(
+    [paper(p.A, p) for p in pairs], [paper(p.B, p) for p in pairs], [p.s for p in pairs], damping
+  )
+  gA, gB = adjust_normalised(
+    prep,
+    prep.gather([paper(p.g_A, p) for p in pairs]),
+    prep.gather([paper(p.g_B, p) for p in pairs]),
+    x_choice,
+  )
+  return [(paper(a, p), paper(b, p)) for a, b, p in zip(prep.split(gA), prep.split(gB), pairs)]
 
 
-def adjust(pairs: Sequence[LeafPair], x_choice: XChoice,
-           damping) -> list[tuple[jax.Array, jax.Array]]:
+def adjust(
+  pairs: Sequence[LeafPair], x_choice: XChoice, damping
+) -> list[tuple[jax.Array, jax.Array]]:
   """Theorem 2.1 for every pair: (g^A, g^B) per pair, laid out like (A, B).
 
   Pairs of one rank and dtype share one batched r×r computation and one
@@ -243,14 +260,22 @@ def _adjust_jit(arrays, layouts, x_choice, damping):
   pairs = [LeafPair(*a, layout) for a, layout in zip(arrays, layouts)]
   buckets: dict = {}
   for i, p in enumerate(pairs):
-    buckets.setdefault((p.A.shape[-1] if p.layout == "flax" else p.A.shape[-2],
-                        jnp.dtype(p.A.dtype)), []).append(i)
+    buckets.setdefault(
+      (p.A.shape[-1] if p.layout == "flax" else p.A.shape[-2], jnp.dtype(p.A.dtype)), []
+    ).append(i)
   out = [None] * len(pairs)
   for (r, dtype), members in buckets.items():
     ps = [pairs[i] for i in members]
     sizes = [p.s.shape[0] for p in ps]
-    prods = [(lo.gram_A(p.layout, p.A, p.A), lo.gram_B(p.layout, p.B, p.B),
-              lo.gram_A(p.layout, p.g_A, p.A), lo.gram_B(p.layout, p.B, p.g_B)) for p in ps]
+    prods = [
+      (
+        lo.gram_A(p.layout, p.A, p.A),
+        lo.gram_B(p.layout, p.B, p.B),
+        lo.gram_A(p.layout, p.g_A, p.A),
+        lo.gram_B(p.layout, p.B, p.g_B),
+      )
+      for p in ps
+    ]
     G_A, G_B, C_A, C_B = (_cat(list(x)) for x in zip(*prods))
     s = _cat([p.s for p in ps])
     eig = eq.damped_eigh(jnp.concatenate([G_A, G_B], 0), damping)
@@ -270,17 +295,23 @@ def _adjust_jit(arrays, layouts, x_choice, damping):
     gamma_A = _cat([amax(p.g_A) for p in ps])
     gamma_B = _cat([amax(p.g_B) for p in ps])
     bound = r * jnp.maximum(
-        amax(coef.M1) * gamma_A + amax(coef.M2) * jnp.sqrt(tr_A),
-        amax(coef.M3) * gamma_B + amax(coef.M4) * jnp.sqrt(tr_B))
+      amax(coef.M1) * gamma_A + amax(coef.M2) * jnp.sqrt(tr_A),
+      amax(coef.M3) * gamma_B + amax(coef.M4) * jnp.sqrt(tr_B),
+    )
     in_range = lambda tr: jnp.all((tr >= floor) & (tr <= ceiling))
-    ok = (in_range(tr_A) & in_range(tr_B)
-          & jnp.all(bound <= jnp.finfo(dtype).max / 4))  # False for any NaN
+    ok = (
+      in_range(tr_A) & in_range(tr_B) & jnp.all(bound <= jnp.finfo(dtype).max / 4)
+    )  # False for any NaN
 
     def raw_path():
       out = []
       for p, (M1, M2, M3, M4) in zip(ps, zip(*(_split(m, sizes) for m in coef))):
-        out.append((lo.left(p.layout, M1, p.g_A) + lo.left(p.layout, M2, p.A),
-                    lo.right(p.layout, p.g_B, M3) - lo.right(p.layout, p.B, M4)))
+        out.append(
+          (
+            lo.left(p.layout, M1, p.g_A) + lo.left(p.layout, M2, p.A),
+            lo.right(p.layout, p.g_B, M3) - lo.right(p.layout, p.B, M4),
+          )
+        )
       return out
 
     result = jax.lax.cond(ok, raw_path, lambda: _normalised_path(ps, x_choice, damping))

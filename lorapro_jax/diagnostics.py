@@ -5,8 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from lorapro_jax import batched
-from lorapro_jax import layout
+from lorapro_jax import batched, layout
 from lorapro_jax import pairs as pairs_lib
 
 

@@ -41,12 +41,14 @@ Array = jax.Array
 
 class Normalised(NamedTuple):
   """A matrix M = scale · M_hat with max|M_hat| = 1 (or M = 0 and scale = 1)."""
+
   hat: Array
   scale: Array
 
 
 class DampedEig(NamedTuple):
   """Ĝ + δ·(tr Ĝ / r)·I = Q diag(w) Qᵀ, with every w > 0."""
+
   w: Array
   Q: Array
 
@@ -88,8 +90,7 @@ def inverse(eig: DampedEig) -> Array:
   return (eig.Q / eig.w[..., None, :]) @ jnp.swapaxes(eig.Q, -1, -2)
 
 
-def sylvester_rhs(g_lora_A: Array, A: Normalised, B: Normalised,
-                  G_B_inv: Array, s: Array) -> Array:
+def sylvester_rhs(g_lora_A: Array, A: Normalised, B: Normalised, G_B_inv: Array, s: Array) -> Array:
   """Right-hand side of Eq. (15), -(1/s²)(BᵀB)⁻¹ g_lora^A Aᵀ, in Y units.
 
   Multiplying Eq. (15) by β/α turns it into
@@ -98,8 +99,9 @@ def sylvester_rhs(g_lora_A: Array, A: Normalised, B: Normalised,
   return -(G_B_inv @ ((g_lora_A / B.scale) @ A.hat.T)) / s**2
 
 
-def solve_sylvester(C: Array, eig_B: DampedEig, eig_A: DampedEig,
-                    beta_over_alpha_sq: Array) -> Array:
+def solve_sylvester(
+  C: Array, eig_B: DampedEig, eig_A: DampedEig, beta_over_alpha_sq: Array
+) -> Array:
   """Theorem 2.3: solves (β/α)²·Ĝ_B·Y + Y·Ĝ_A = C for Y = α·β·X.
 
   With Ĝ_B = U diag(λ) Uᵀ and Ĝ_A = V diag(μ) Vᵀ the equation is diagonal:
@@ -112,8 +114,9 @@ def solve_sylvester(C: Array, eig_B: DampedEig, eig_A: DampedEig,
   return U @ (((U.T @ C) @ V) / denom) @ V.T
 
 
-def x_symmetric(g_lora_B: Array, A: Normalised, B: Normalised,
-                G_A_inv: Array, G_B_inv: Array, s: Array) -> Array:
+def x_symmetric(
+  g_lora_B: Array, A: Normalised, B: Normalised, G_A_inv: Array, G_B_inv: Array, s: Array
+) -> Array:
   """Corrected Eq. (16), in Y units.
 
   The printed Eq. (16) is m×n, not r×r. The X that enforces g^B·A = B·g^A in
@@ -144,10 +147,18 @@ def rescale(x: Array, gamma: Array, *divisors: Array) -> Array:
   return saturate(jnp.ldexp(x * m, e))
 
 
-def adjusted_gradients(g_lora_A: Array, g_lora_B: Array, A: Normalised,
-                       B: Normalised, G_A_inv: Array, G_B_inv: Array,
-                       Y: Array, s: Array, y_div: Array | float = 1.0,
-                       gamma: Array | float = 1.0) -> tuple[Array, Array]:
+def adjusted_gradients(
+  g_lora_A: Array,
+  g_lora_B: Array,
+  A: Normalised,
+  B: Normalised,
+  G_A_inv: Array,
+  G_B_inv: Array,
+  Y: Array,
+  s: Array,
+  y_div: Array | float = 1.0,
+  gamma: Array | float = 1.0,
+) -> tuple[Array, Array]:
   """Theorem 2.1, Eq. (8) and (10):
 
     g^A = (1/s²)(BᵀB)⁻¹ g_lora^A + X·A
@@ -166,8 +177,7 @@ def adjusted_gradients(g_lora_A: Array, g_lora_B: Array, A: Normalised,
   scaled = lambda x, d1, d2: rescale(x, gamma, d1, d2)
   g_A = scaled((G_B_inv @ g_lora_A) / s**2, b, b) + scaled(Y @ A.hat, y_div, b)
   T = (g_lora_B @ G_A_inv) / s**2
-  g_B = (scaled(T - B.hat @ (G_B_inv @ (B.hat.T @ T)), a, a)
-         - scaled(B.hat @ Y, y_div, a))
+  g_B = scaled(T - B.hat @ (G_B_inv @ (B.hat.T @ T)), a, a) - scaled(B.hat @ Y, y_div, a)
   return saturate(g_A), saturate(g_B)
 
 
@@ -181,14 +191,23 @@ class Coefficients(NamedTuple):
   with its projector multiplied out, so the only products with a tall matrix
   are K = r products with these coefficients.
   """
+
   M1: Array
   M2: Array
   M3: Array
   M4: Array
 
 
-def coefficients(G_A: Array, G_B: Array, C_A: Array, C_B: Array, s: Array,
-                 eig_A: DampedEig, eig_B: DampedEig, x_choice: str) -> Coefficients:
+def coefficients(
+  G_A: Array,
+  G_B: Array,
+  C_A: Array,
+  C_B: Array,
+  s: Array,
+  eig_A: DampedEig,
+  eig_B: DampedEig,
+  x_choice: str,
+) -> Coefficients:
   """The `Coefficients` of one pair from its r×r products.
 
   Args:

@@ -87,8 +87,7 @@ def outer(layout: Layout, B: Array, g_A: Array, g_B: Array, A: Array) -> Array:
 def project(layout: Layout, D: Array, A: Array, B: Array) -> tuple[Array, Array]:
   """(Bᵀ·D, D·Aᵀ) for an m×n D in the weight's layout: Eq. (56) without s."""
   a, b, w = _A[layout], _B[layout], _W[layout]
-  return (jnp.einsum(f"k{w},k{b}->k{a}", D, B),
-          jnp.einsum(f"k{w},k{a}->k{b}", D, A))
+  return (jnp.einsum(f"k{w},k{b}->k{a}", D, B), jnp.einsum(f"k{w},k{a}->k{b}", D, A))
 
 
 def to_paper(x: Array, layout: Layout) -> Array:

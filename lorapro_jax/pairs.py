@@ -8,7 +8,8 @@ two are batch axes (stacked or scanned layers, experts).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Hashable, Iterable, NamedTuple, Sequence, Union
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -30,6 +31,7 @@ class LoRASpec(NamedTuple):
       "paper" for ``A (..., r, in)`` and ``B (..., out, r)`` (the delta weight
       is ``s · B @ A``, as in the paper and PyTorch/PEFT).
   """
+
   a_name: str = "lora_a"
   b_name: str = "lora_b"
   layout: Layout = "flax"
@@ -42,18 +44,19 @@ PEFT = LoRASpec("lora_A", "lora_B", "paper")
 
 class LoRAPair(NamedTuple):
   """One pair, by the (normalised) key paths of its two leaves."""
+
   a_path: Path
   b_path: Path
   layout: Layout = "flax"
 
 
-PairsArg = Union[LoRASpec, Sequence[LoRASpec],
-                 Callable[[Any], Iterable[LoRAPair]], None]
+PairsArg = LoRASpec | Sequence[LoRASpec] | Callable[[Any], Iterable[LoRAPair]] | None
 
 
 @dataclasses.dataclass(frozen=True)
 class FoundPair:
   """A validated pair: leaf indices in the flattened tree and its dimensions."""
+
   a_index: int
   b_index: int
   path: Path  # the parent of the A leaf (and of B, for name-based specs)
@@ -107,13 +110,15 @@ def _split(name: str) -> tuple[str, ...]:
 
 
 def _name_matches(path: Path, suffix: tuple[str, ...]) -> bool:
-  return len(path) >= len(suffix) and tuple(str(p) for p in path[-len(suffix):]) == suffix
+  return len(path) >= len(suffix) and tuple(str(p) for p in path[-len(suffix) :]) == suffix
 
 
 def _dims(a_shape, b_shape, layout: Layout, a_path: Path, b_path: Path):
   """(batch_shape, m, n, r) of a pair, or a ValueError naming both leaves."""
-  where = (f"LoRA pair A={path_str(a_path)} {tuple(a_shape)}, "
-           f"B={path_str(b_path)} {tuple(b_shape)} (layout {layout!r})")
+  where = (
+    f"LoRA pair A={path_str(a_path)} {tuple(a_shape)}, "
+    f"B={path_str(b_path)} {tuple(b_shape)} (layout {layout!r})"
+  )
   if len(a_shape) < 2 or len(b_shape) < 2:
     raise ValueError(f"{where}: both leaves need at least 2 dimensions.")
   if len(a_shape) != len(b_shape) or tuple(a_shape[:-2]) != tuple(b_shape[:-2]):
@@ -149,8 +154,10 @@ def find_pairs(params, pairs: PairsArg = None) -> list[FoundPair]:
     ia, ib = index[a_path], index[b_path]
     for i, p in ((ia, a_path), (ib, b_path)):
       if i in used:
-        raise ValueError(f"Leaf {path_str(p)} belongs to two LoRA pairs "
-                         f"({path_str(used[i])} and {path_str(parent)}).")
+        raise ValueError(
+          f"Leaf {path_str(p)} belongs to two LoRA pairs "
+          f"({path_str(used[i])} and {path_str(parent)})."
+        )
       used[i] = parent
     batch, m, n, r = _dims(shape(ia), shape(ib), layout, a_path, b_path)
     found.append(FoundPair(ia, ib, parent, a_path, b_path, layout, batch, m, n, r))
@@ -160,23 +167,29 @@ def find_pairs(params, pairs: PairsArg = None) -> list[FoundPair]:
       pair = LoRAPair(*pair)
       for p in (pair.a_path, pair.b_path):
         if tuple(p) not in index:
-          raise ValueError(f"The pairs callable returned {path_str(p)}, which is not a leaf "
-                           f"of the parameters; leaves are e.g. "
-                           f"{[path_str(q) for q, _ in leaves[:5]]}.")
+          raise ValueError(
+            f"The pairs callable returned {path_str(p)}, which is not a leaf "
+            f"of the parameters; leaves are e.g. "
+            f"{[path_str(q) for q, _ in leaves[:5]]}."
+          )
       add(tuple(pair.a_path), tuple(pair.b_path), pair.layout, tuple(pair.a_path[:-1]))
     return found
 
   for spec in _as_specs(pairs):
     a_sfx, b_sfx = _split(spec.a_name), _split(spec.b_name)
-    a_parents = {p[:-len(a_sfx)] for p, _ in leaves if _name_matches(p, a_sfx)}
-    b_parents = {p[:-len(b_sfx)] for p, _ in leaves if _name_matches(p, b_sfx)}
+    a_parents = {p[: -len(a_sfx)] for p, _ in leaves if _name_matches(p, a_sfx)}
+    b_parents = {p[: -len(b_sfx)] for p, _ in leaves if _name_matches(p, b_sfx)}
     for parent in sorted(a_parents ^ b_parents, key=path_str):
-      lone, missing = ((parent + a_sfx, parent + b_sfx) if parent in a_parents
-                       else (parent + b_sfx, parent + a_sfx))
+      lone, missing = (
+        (parent + a_sfx, parent + b_sfx)
+        if parent in a_parents
+        else (parent + b_sfx, parent + a_sfx)
+      )
       raise ValueError(
-          f"LoRA leaf {path_str(lone)} {shape(index[lone])} has no partner "
-          f"{path_str(missing)} (spec {spec}). Pass both leaves of every pair to the "
-          "optimizer (check optax.masked/partition labels and nnx filters).")
+        f"LoRA leaf {path_str(lone)} {shape(index[lone])} has no partner "
+        f"{path_str(missing)} (spec {spec}). Pass both leaves of every pair to the "
+        "optimizer (check optax.masked/partition labels and nnx filters)."
+      )
     for parent in sorted(a_parents, key=path_str):
       add(parent + a_sfx, parent + b_sfx, spec.layout, parent)
   return found

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Literal, NamedTuple, Optional, Union
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -15,12 +16,14 @@ from lorapro_jax import layout as layout_lib
 from lorapro_jax import pairs as pairs_lib
 
 Mode = Literal["efficient", "full"]
-ScaleArg = Union[float, jax.Array, Callable[[pairs_lib.Path, int], Any]]
+ScaleArg = float | jax.Array | Callable[[pairs_lib.Path, int], Any]
 
 DEFAULT_DAMPING = 1e-6
 
-_NO_PARAMS = ("lorapro needs the current parameters to adjust the LoRA gradients: "
-              "call update(updates, state, params).")
+_NO_PARAMS = (
+  "lorapro needs the current parameters to adjust the LoRA gradients: "
+  "call update(updates, state, params)."
+)
 
 
 class ScaleByLoraProFullState(NamedTuple):
@@ -35,6 +38,7 @@ class ScaleByLoraProFullState(NamedTuple):
       Other leaves hold ordinary Adam moments.
     nu: second moments, laid out like ``mu``.
   """
+
   count: jax.Array
   mu: optax.Params
   nu: optax.Params
@@ -69,15 +73,18 @@ def _pair_scale(scale: ScaleArg, pair: pairs_lib.FoundPair, dtype):
   try:
     s = jnp.broadcast_to(s, pair.batch_shape)
   except ValueError:
-    raise ValueError(f"The scale for LoRA pair {pairs_lib.path_str(pair.path)} has shape "
-                     f"{s.shape}, which does not broadcast to its batch shape "
-                     f"{pair.batch_shape}.") from None
+    raise ValueError(
+      f"The scale for LoRA pair {pairs_lib.path_str(pair.path)} has shape "
+      f"{s.shape}, which does not broadcast to its batch shape "
+      f"{pair.batch_shape}."
+    ) from None
   return s.reshape(-1)
 
 
 @dataclasses.dataclass
 class _Pairs:
   """The pairs of one update in their storage layout, batch axes flattened."""
+
   found: list
   leaf: list  # batched.LeafPair per pair
 
@@ -87,19 +94,21 @@ class _Pairs:
     p_leaves = jax.tree.leaves(params)
     u_paths = jax.tree_util.tree_flatten_with_path(updates)[0]
     if len(u_paths) != len(p_leaves):
-      raise ValueError(f"updates have {len(u_paths)} leaves but params have "
-                       f"{len(p_leaves)}; they must have the same structure.")
+      raise ValueError(
+        f"updates have {len(u_paths)} leaves but params have "
+        f"{len(p_leaves)}; they must have the same structure."
+      )
     u_leaves = [u for _, u in u_paths]
     leaf = []
     for f in found:
       for idx, path in ((f.a_index, f.a_path), (f.b_index, f.b_path)):
         if jnp.shape(u_leaves[idx]) != jnp.shape(p_leaves[idx]):
           raise ValueError(
-              f"The update for LoRA leaf {pairs_lib.path_str(path)} has shape "
-              f"{jnp.shape(u_leaves[idx])} but the parameter has shape "
-              f"{jnp.shape(p_leaves[idx])}.")
-      arrs = [p_leaves[f.a_index], p_leaves[f.b_index], u_leaves[f.a_index],
-              u_leaves[f.b_index]]
+            f"The update for LoRA leaf {pairs_lib.path_str(path)} has shape "
+            f"{jnp.shape(u_leaves[idx])} but the parameter has shape "
+            f"{jnp.shape(p_leaves[idx])}."
+          )
+      arrs = [p_leaves[f.a_index], p_leaves[f.b_index], u_leaves[f.a_index], u_leaves[f.b_index]]
       dt = batched.compute_dtype(*arrs)
       a, b, ga, gb = (jnp.asarray(x, dt).reshape((-1,) + jnp.shape(x)[-2:]) for x in arrs)
       leaf.append(batched.LeafPair(a, b, ga, gb, _pair_scale(scale, f, dt), f.layout))
@@ -160,8 +169,9 @@ def _equivalent_gradient(g_A, g_B, A: eq.Normalised, B: eq.Normalised, s, layout
   c_A, c_B = eq.saturate(s * B.scale * a.scale), eq.saturate(s * A.scale * b.scale)
   c = jnp.maximum(c_A, c_B)
   c = jnp.where(c > 0, c, jnp.ones_like(c))[:, None, None]
-  g = layout_lib.outer(layout, B.hat, a.hat * (c_A[:, None, None] / c),
-                       b.hat * (c_B[:, None, None] / c), A.hat)
+  g = layout_lib.outer(
+    layout, B.hat, a.hat * (c_A[:, None, None] / c), b.hat * (c_B[:, None, None] / c), A.hat
+  )
   return eq.saturate(g * c)
 
 
@@ -179,8 +189,11 @@ def _moment_sharding(f: pairs_lib.FoundPair, a, b):
   carry a `jax.sharding.NamedSharding` on the same mesh.
   """
   sa, sb = getattr(a, "sharding", None), getattr(b, "sharding", None)
-  if not (isinstance(sa, jax.sharding.NamedSharding) and isinstance(sb, jax.sharding.NamedSharding)
-          and sa.mesh == sb.mesh):
+  if not (
+    isinstance(sa, jax.sharding.NamedSharding)
+    and isinstance(sb, jax.sharding.NamedSharding)
+    and sa.mesh == sb.mesh
+  ):
     return None
   nd = len(f.batch_shape) + 2
   pa, pb = (tuple(s.spec) + (None,) * (nd - len(s.spec)) for s in (sa, sb))
@@ -228,23 +241,24 @@ def full_moment_shardings(params, pairs: pairs_lib.PairsArg = None):
   for f in pairs_lib.find_pairs(params, pairs):
     sharding = _moment_sharding(f, leaves[f.a_index], leaves[f.b_index])
     if sharding is None:
-      raise ValueError(f"The LoRA pair {pairs_lib.path_str(f.path)} has no NamedSharding on "
-                       "both of its leaves.")
+      raise ValueError(
+        f"The LoRA pair {pairs_lib.path_str(f.path)} has no NamedSharding on both of its leaves."
+      )
     out[f.a_index], out[f.b_index] = sharding, PairedSlot()
   return jax.tree.unflatten(treedef, out)
 
 
 def lorapro(
-    scale: ScaleArg = 1.0,
-    *,
-    mode: Mode = "efficient",
-    x_choice: batched.XChoice = "sylvester",
-    damping: float = DEFAULT_DAMPING,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    moment_dtype: Optional[jnp.dtype] = None,
-    pairs: pairs_lib.PairsArg = None,
+  scale: ScaleArg = 1.0,
+  *,
+  mode: Mode = "efficient",
+  x_choice: batched.XChoice = "sylvester",
+  damping: float = DEFAULT_DAMPING,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  moment_dtype: jnp.dtype | None = None,
+  pairs: pairs_lib.PairsArg = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""LoRA-Pro: replaces LoRA gradients by the optimal low-rank ones.
 
@@ -324,6 +338,7 @@ def lorapro(
     return _Pairs.build(params, updates, scale, pairs)
 
   if mode == "efficient":
+
     def update_efficient(updates, state, params=None, **extra_args):
       del extra_args
       P, u_leaves = adjusted_updates(updates, params)
@@ -339,12 +354,13 @@ def lorapro(
     moments = [jnp.zeros_like(x, dtype=moment_dtype_of(x)) for x in leaves]
     for f in found:
       moments[f.a_index] = jnp.zeros(
-          _moment_shape(f), moment_dtype_of(leaves[f.a_index], leaves[f.b_index]),
-          device=_moment_sharding(f, leaves[f.a_index], leaves[f.b_index]))
+        _moment_shape(f),
+        moment_dtype_of(leaves[f.a_index], leaves[f.b_index]),
+        device=_moment_sharding(f, leaves[f.a_index], leaves[f.b_index]),
+      )
       moments[f.b_index] = PairedSlot()
     mu = jax.tree.unflatten(treedef, moments)
-    return ScaleByLoraProFullState(jnp.zeros([], jnp.int32), mu,
-                                   jax.tree.map(jnp.copy, mu))
+    return ScaleByLoraProFullState(jnp.zeros([], jnp.int32), mu, jax.tree.map(jnp.copy, mu))
 
   def update_full(updates, state, params=None, **extra_args):
     del extra_args
@@ -353,9 +369,11 @@ def lorapro(
     mu, mu_def = jax.tree.flatten(state.mu, is_leaf=_is_slot)
     nu = jax.tree.leaves(state.nu, is_leaf=_is_slot)
     if len(mu) != len(u_leaves):
-      raise ValueError("The full-mode state does not match the parameters: "
-                       f"{len(mu)} moment slots for {len(u_leaves)} leaves. "
-                       "Re-initialise the optimizer after changing the model.")
+      raise ValueError(
+        "The full-mode state does not match the parameters: "
+        f"{len(mu)} moment slots for {len(u_leaves)} leaves. "
+        "Re-initialise the optimizer after changing the model."
+      )
     paired = set()
     for f in P.found:
       paired.update((f.a_index, f.b_index))
@@ -374,17 +392,23 @@ def lorapro(
       g_tilde = _equivalent_gradient(g_A, g_B, A, B, p.s, p.layout).reshape(_moment_shape(f))
       # Lines 9-13: Adam on the m×n equivalent gradient.
       d, mu[f.a_index], nu[f.a_index] = _adam_direction(
-          g_tilde, mu[f.a_index], nu[f.a_index], count, b1, b2, eps, saturating=True)
+        g_tilde, mu[f.a_index], nu[f.a_index], count, b1, b2, eps, saturating=True
+      )
       d = d.astype(p.A.dtype).reshape((-1,) + _moment_shape(f)[-2:])
       # Lines 14-15, Eq. (56): back to LoRA gradients, s·Bᵀd = s·β·(B̂ᵀd) etc.
       pa, pb = layout_lib.project(p.layout, d, A.hat, B.hat)
       s3 = p.s[:, None, None]
-      projected.append(p._replace(g_A=eq.saturate(s3 * pa * B.scale[:, None, None]),
-                                  g_B=eq.saturate(s3 * pb * A.scale[:, None, None])))
+      projected.append(
+        p._replace(
+          g_A=eq.saturate(s3 * pa * B.scale[:, None, None]),
+          g_B=eq.saturate(s3 * pb * A.scale[:, None, None]),
+        )
+      )
     # Lines 16-18: Theorem 2.1 with the chosen X.
     out = P.write(out, batched.adjust(projected, x_choice, damping))
-    new_state = ScaleByLoraProFullState(count, jax.tree.unflatten(mu_def, mu),
-                                        jax.tree.unflatten(mu_def, nu))
+    new_state = ScaleByLoraProFullState(
+      count, jax.tree.unflatten(mu_def, mu), jax.tree.unflatten(mu_def, nu)
+    )
     return jax.tree.unflatten(jax.tree.structure(updates), out), new_state
 
   return optax.GradientTransformationExtraArgs(init_full, update_full)
@@ -395,9 +419,9 @@ class LoraProWeightDecayState(NamedTuple):
 
 
 def add_lorapro_weight_decay(
-    learning_rate: optax.ScalarOrSchedule,
-    weight_decay: float,
-    pairs: pairs_lib.PairsArg = None,
+  learning_rate: optax.ScalarOrSchedule,
+  weight_decay: float,
+  pairs: pairs_lib.PairsArg = None,
 ) -> optax.GradientTransformation:
   r"""Weight decay of LoRA-Pro's full mode, Eq. (57)-(58).
 
@@ -430,28 +454,32 @@ def add_lorapro_weight_decay(
       paired.update((f.a_index, f.b_index))
     u_leaves, treedef = jax.tree.flatten(updates)
     p_leaves = jax.tree.leaves(params)
-    out = [(u + (c_pair if i in paired else weight_decay) * p).astype(jnp.result_type(u))
-           for i, (u, p) in enumerate(zip(u_leaves, p_leaves))]
-    return (jax.tree.unflatten(treedef, out),
-            LoraProWeightDecayState(optax.safe_int32_increment(state.count)))
+    out = [
+      (u + (c_pair if i in paired else weight_decay) * p).astype(jnp.result_type(u))
+      for i, (u, p) in enumerate(zip(u_leaves, p_leaves))
+    ]
+    return (
+      jax.tree.unflatten(treedef, out),
+      LoraProWeightDecayState(optax.safe_int32_increment(state.count)),
+    )
 
   return optax.GradientTransformation(init, update)
 
 
 def lorapro_adamw(
-    learning_rate: optax.ScalarOrSchedule,
-    *,
-    scale: ScaleArg = 1.0,
-    mode: Mode = "efficient",
-    weight_decay: float = 1e-4,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    x_choice: batched.XChoice = "sylvester",
-    damping: float = DEFAULT_DAMPING,
-    moment_dtype: Optional[jnp.dtype] = None,
-    pairs: pairs_lib.PairsArg = None,
-    mask: Optional[Union[Any, Callable[[optax.Params], Any]]] = None,
+  learning_rate: optax.ScalarOrSchedule,
+  *,
+  scale: ScaleArg = 1.0,
+  mode: Mode = "efficient",
+  weight_decay: float = 1e-4,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  x_choice: batched.XChoice = "sylvester",
+  damping: float = DEFAULT_DAMPING,
+  moment_dtype: jnp.dtype | None = None,
+  pairs: pairs_lib.PairsArg = None,
+  mask: Any | Callable[[optax.Params], Any] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""LoRA-Pro with AdamW: Algorithm 2 (efficient) or Algorithm 3 (full).
 
@@ -487,14 +515,24 @@ def lorapro_adamw(
   _check_options(mode, x_choice)
   if mode == "efficient":
     return optax.chain(
-        lorapro(scale, mode="efficient", x_choice=x_choice, damping=damping, pairs=pairs),
-        optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps,
-                    weight_decay=weight_decay, mask=mask))
+      lorapro(scale, mode="efficient", x_choice=x_choice, damping=damping, pairs=pairs),
+      optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask),
+    )
   decay = add_lorapro_weight_decay(learning_rate, weight_decay, pairs)
   if mask is not None:
     decay = optax.masked(decay, mask)
   return optax.chain(
-      lorapro(scale, mode="full", x_choice=x_choice, damping=damping, b1=b1, b2=b2,
-              eps=eps, moment_dtype=moment_dtype, pairs=pairs),
-      decay,
-      optax.scale_by_learning_rate(learning_rate))
+    lorapro(
+      scale,
+      mode="full",
+      x_choice=x_choice,
+      damping=damping,
+      b1=b1,
+      b2=b2,
+      eps=eps,
+      moment_dtype=moment_dtype,
+      pairs=pairs,
+    ),
+    decay,
+    optax.scale_by_learning_rate(learning_rate),
+  )

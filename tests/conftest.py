@@ -42,14 +42,15 @@ from_layout = to_layout  # the transposition is its own inverse
 
 
 LAYOUTS = {
-    # layout name -> (leaf names, `pairs` argument for lorapro)
-    "flax": (("lora_a", "lora_b"), None),
-    "paper": (("lora_A", "lora_B"), "PEFT"),
+  # layout name -> (leaf names, `pairs` argument for lorapro)
+  "flax": (("lora_a", "lora_b"), None),
+  "paper": (("lora_A", "lora_B"), "PEFT"),
 }
 
 
 def pairs_arg(layout):
   import lorapro_jax as lpj
+
   return None if layout == "flax" else lpj.PEFT
 
 
@@ -78,7 +79,9 @@ def run_lorapro(A, B, gA, gB, s, layout="flax", damping=TINY_DAMPING, **kwargs):
   The arrays keep their dtype (call inside the ``x64`` fixture for float64).
   """
   import jax.numpy as jnp
+
   import lorapro_jax as lpj
+
   params = jax.tree.map(jnp.asarray, pair_tree(A, B, layout))
   grads = jax.tree.map(jnp.asarray, pair_tree(gA, gB, layout))
   tx = lpj.lorapro(s, damping=damping, pairs=pairs_arg(layout), **kwargs)

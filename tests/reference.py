@@ -45,7 +45,7 @@ def projectors(A, B):
 
 def projected_gradient(g, A, B):
   """The optimum of Theorem 2.1's objective: P_B·g + (I - P_B)·g·P_A."""
-  g, = _f64(g)
+  (g,) = _f64(g)
   P_B, P_A = projectors(A, B)
   return P_B @ g + (np.eye(P_B.shape[0]) - P_B) @ g @ P_A
 
@@ -119,8 +119,9 @@ def adam_direction(g, m, v, t, b1=0.9, b2=0.999, eps=1e-8):
   return m_hat / (np.sqrt(v_hat) + eps), m, v
 
 
-def algorithm3_step(gA_lora, gB_lora, A, B, s, mom, vel, t, x_choice="sylvester", b1=0.9,
-                    b2=0.999, eps=1e-8):
+def algorithm3_step(
+  gA_lora, gB_lora, A, B, s, mom, vel, t, x_choice="sylvester", b1=0.9, b2=0.999, eps=1e-8
+):
   """One step of Algorithm 3 (full mode), lines 5-18, at fixed (A, B).
 
   Returns the adjusted gradients (g̃^A, g̃^B) that the parameters are moved
@@ -135,8 +136,9 @@ def algorithm3_step(gA_lora, gB_lora, A, B, s, mom, vel, t, x_choice="sylvester"
   return gA, gB, mom, vel
 
 
-def algorithm3(A0, B0, full_grads, lrs, s, x_choice="sylvester", b1=0.9, b2=0.999,
-               eps=1e-8, weight_decay=0.0):
+def algorithm3(
+  A0, B0, full_grads, lrs, s, x_choice="sylvester", b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0
+):
   """Algorithm 3 (full mode) for one pair.
 
   Args:
@@ -155,16 +157,18 @@ def algorithm3(A0, B0, full_grads, lrs, s, x_choice="sylvester", b1=0.9, b2=0.99
   out = []
   for t, lr in enumerate(lrs, start=1):
     gA_lora, gB_lora = lora_gradients(full_grads(t, A, B), A, B, s)
-    gA, gB, mom, vel = algorithm3_step(gA_lora, gB_lora, A, B, s, mom, vel, t, x_choice,
-                                       b1, b2, eps)
+    gA, gB, mom, vel = algorithm3_step(
+      gA_lora, gB_lora, A, B, s, mom, vel, t, x_choice, b1, b2, eps
+    )
     decay = np.sqrt(1 - lr * weight_decay)  # lines 19-21
     A, B = decay * A - lr * gA, decay * B - lr * gB  # lines 22-23
     out.append((A.copy(), B.copy()))
   return out
 
 
-def algorithm2(A0, B0, full_grads, lrs, s, x_choice="sylvester", b1=0.9, b2=0.999,
-               eps=1e-8, weight_decay=0.0):
+def algorithm2(
+  A0, B0, full_grads, lrs, s, x_choice="sylvester", b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0
+):
   """Algorithm 2 (efficient mode): Theorem 2.1, then AdamW on A and B separately.
 
   AdamW's decoupled decay P ← (1 - γλ)P is applied to both A and B (the printed
@@ -209,8 +213,9 @@ def lstsq_x_closest(gA_lora, gB_lora, A, B, s):
   r = A.shape[0]
   cA, cB = adjust(gA_lora, gB_lora, A, B, s, np.zeros((r, r)))
   M = np.concatenate([np.kron(A.T, np.eye(r)), -np.kron(np.eye(r), B)], axis=0)
-  rhs = np.concatenate([(gA_lora - cA).reshape(-1, order="F"),
-                        (gB_lora - cB).reshape(-1, order="F")])
+  rhs = np.concatenate(
+    [(gA_lora - cA).reshape(-1, order="F"), (gB_lora - cB).reshape(-1, order="F")]
+  )
   x, *_ = np.linalg.lstsq(M, rhs, rcond=None)
   return x.reshape(r, r, order="F")
 
@@ -232,6 +237,6 @@ def printed_eq16(g, A, B, s):
   """Eq. (16) as printed, with its evidently intended Aᵀ(AAᵀ)⁻¹A in place of
   the non-conforming A(AᵀA)⁻¹A: -(1/(2s))·B(BᵀB)⁻¹Bᵀ·g·Aᵀ(AAᵀ)⁻¹A, an m×n matrix.
   """
-  g, = _f64(g)
+  (g,) = _f64(g)
   P_B, P_A = projectors(A, B)
   return -(P_B @ g @ P_A) / (2 * s)

@@ -25,16 +25,17 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import json  # noqa: E402
-import re  # noqa: E402
+import json
+import re
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-import lorapro_jax as lpj  # noqa: E402
+import lorapro_jax as lpj
 
 # Two pair shapes (two groups of one rank share one batched eigh), a stack of
 # layers and a non-LoRA leaf. Flax layout: lora_a (..., in, r), lora_b (..., r, out).
@@ -43,48 +44,65 @@ STEPS = 3
 
 # Each layout: mesh axis names and shape, and the PartitionSpec of every leaf.
 LAYOUTS = {
-    # A and B split along their long axis (in features for A, out for B).
-    "fsdp": (("fsdp",), (8,), {
-        "q": {"lora_a": P("fsdp", None), "lora_b": P(None, "fsdp")},
-        "v": {"lora_a": P("fsdp", None), "lora_b": P(None, "fsdp")},
-        "mlp": {"lora_a": P(None, "fsdp", None), "lora_b": P(None, None, "fsdp")},
-        "head": P("fsdp", None),
-    }),
-    # Split along output features: B's out axis, A replicated (column-parallel).
-    "tp": (("model",), (8,), {
-        "q": {"lora_a": P(), "lora_b": P(None, "model")},
-        "v": {"lora_a": P(), "lora_b": P(None, "model")},
-        "mlp": {"lora_a": P(), "lora_b": P(None, None, "model")},
-        "head": P(None, "model"),
-    }),
-    # Replicated params; per-device batch gradients are all-reduced by the loss's
-    # jit before the optimizer sees them, so the optimizer gets replicated grads.
-    "dp": (("data",), (8,), {
-        "q": {"lora_a": P(), "lora_b": P()},
-        "v": {"lora_a": P(), "lora_b": P()},
-        "mlp": {"lora_a": P(), "lora_b": P()},
-        "head": P(),
-    }),
+  # A and B split along their long axis (in features for A, out for B).
+  "fsdp": (
+    ("fsdp",),
+    (8,),
+    {
+      "q": {"lora_a": P("fsdp", None), "lora_b": P(None, "fsdp")},
+      "v": {"lora_a": P("fsdp", None), "lora_b": P(None, "fsdp")},
+      "mlp": {"lora_a": P(None, "fsdp", None), "lora_b": P(None, None, "fsdp")},
+      "head": P("fsdp", None),
+    },
+  ),
+  # Split along output features: B's out axis, A replicated (column-parallel).
+  "tp": (
+    ("model",),
+    (8,),
+    {
+      "q": {"lora_a": P(), "lora_b": P(None, "model")},
+      "v": {"lora_a": P(), "lora_b": P(None, "model")},
+      "mlp": {"lora_a": P(), "lora_b": P(None, None, "model")},
+      "head": P(None, "model"),
+    },
+  ),
+  # Replicated params; per-device batch gradients are all-reduced by the loss's
+  # jit before the optimizer sees them, so the optimizer gets replicated grads.
+  "dp": (
+    ("data",),
+    (8,),
+    {
+      "q": {"lora_a": P(), "lora_b": P()},
+      "v": {"lora_a": P(), "lora_b": P()},
+      "mlp": {"lora_a": P(), "lora_b": P()},
+      "head": P(),
+    },
+  ),
 }
 
 # Data parallelism with ZeRO-style optimizer state: replicated params, the
 # full-mode moments split over the data axis (a user choice through out_shardings).
-DP_MOMENT_SPECS = {"q": P("data", None), "v": P("data", None), "mlp": P(None, "data", None),
-                   "head": P("data", None)}
+DP_MOMENT_SPECS = {
+  "q": P("data", None),
+  "v": P("data", None),
+  "mlp": P(None, "data", None),
+  "head": P("data", None),
+}
 
 COLLECTIVE = re.compile(
-    r"=\s*(?P<shape>\(.*?\)|\S+)\s+(?P<op>all-gather|all-reduce|reduce-scatter|all-to-all|"
-    r"collective-permute|collective-broadcast)(?:-start)?\(")
+  r"=\s*(?P<shape>\(.*?\)|\S+)\s+(?P<op>all-gather|all-reduce|reduce-scatter|all-to-all|"
+  r"collective-permute|collective-broadcast)(?:-start)?\("
+)
 
 
 def make_params(dtype):
   rng = np.random.default_rng(0)
   normal = lambda *s: rng.standard_normal(s).astype(dtype)
   return {
-      "q": {"lora_a": normal(IN, R), "lora_b": normal(R, OUT)},
-      "v": {"lora_a": normal(IN, R), "lora_b": normal(R, OUT2)},
-      "mlp": {"lora_a": normal(LAYERS, IN, R), "lora_b": normal(LAYERS, R, OUT)},
-      "head": normal(OUT, 8),
+    "q": {"lora_a": normal(IN, R), "lora_b": normal(R, OUT)},
+    "v": {"lora_a": normal(IN, R), "lora_b": normal(R, OUT2)},
+    "mlp": {"lora_a": normal(LAYERS, IN, R), "lora_b": normal(LAYERS, R, OUT)},
+    "head": normal(OUT, 8),
   }
 
 
@@ -99,8 +117,10 @@ def make_grads(params, step):
       continue
     a, b = np.asarray(v["lora_a"]), np.asarray(v["lora_b"])
     G = rng.standard_normal(a.shape[:-1] + b.shape[-1:]).astype(a.dtype)
-    out[k] = {"lora_a": SCALE * G @ np.swapaxes(b, -1, -2),
-              "lora_b": SCALE * np.swapaxes(a, -1, -2) @ G}
+    out[k] = {
+      "lora_a": SCALE * G @ np.swapaxes(b, -1, -2),
+      "lora_b": SCALE * np.swapaxes(a, -1, -2) @ G,
+    }
   return out
 
 
@@ -114,8 +134,11 @@ def spec_of(x):
   if isinstance(x, lpj.PairedSlot):
     return "paired-slot"
   s = x.sharding
-  return [list(a) if isinstance(a, tuple) else a for a in s.spec] if isinstance(
-      s, NamedSharding) else str(s)
+  return (
+    [list(a) if isinstance(a, tuple) else a for a in s.spec]
+    if isinstance(s, NamedSharding)
+    else str(s)
+  )
 
 
 def moment_specs(state):
@@ -164,13 +187,20 @@ def run_case(name, mode, dtype):
     # Under jit, freshly created zeros have no tie to the params: pass shardings.
     moment_sh = lpj.full_moment_shardings(params)
     if name == "dp":  # ZeRO-style: split the replicated params' moments over "data"
-      moment_sh = {k: NamedSharding(mesh, v) if k == "head" else
-                   {"lora_a": NamedSharding(mesh, v), "lora_b": lpj.PairedSlot()}
-                   for k, v in DP_MOMENT_SPECS.items()}
+      moment_sh = {
+        k: NamedSharding(mesh, v)
+        if k == "head"
+        else {"lora_a": NamedSharding(mesh, v), "lora_b": lpj.PairedSlot()}
+        for k, v in DP_MOMENT_SPECS.items()
+      }
     state_sh = optax.tree.map_params(
-        tx, lambda _, s: s, jax.eval_shape(tx.init, params), moment_sh,
-        transform_non_params=lambda _: replicated,
-        is_leaf=lambda x: isinstance(x, lpj.PairedSlot))
+      tx,
+      lambda _, s: s,
+      jax.eval_shape(tx.init, params),
+      moment_sh,
+      transform_non_params=lambda _: replicated,
+      is_leaf=lambda x: isinstance(x, lpj.PairedSlot),
+    )
     state = jax.jit(tx.init, out_shardings=state_sh)(params)
     report["moments_jit_init"] = moment_specs(state)
   else:
@@ -190,8 +220,12 @@ def run_case(name, mode, dtype):
     report["moments_after_steps"] = moment_specs(state)
   # Every step's updates, relative to the largest single-device update of the leaf.
   f64 = lambda x: np.asarray(x, np.float64)
-  rel = [jax.tree.map(lambda a, b: float(np.max(np.abs(f64(a) - f64(b))) / np.max(np.abs(f64(b)))),
-                      u, ref) for u, ref in zip(updates, ref_updates)]
+  rel = [
+    jax.tree.map(
+      lambda a, b: float(np.max(np.abs(f64(a) - f64(b))) / np.max(np.abs(f64(b)))), u, ref
+    )
+    for u, ref in zip(updates, ref_updates)
+  ]
   report["rel_diff"] = rel
   report["max_rel_diff"] = max(jax.tree.leaves(rel))
   return report

@@ -10,8 +10,15 @@ if ROOT not in sys.path:
 
 from benchmarks import run  # noqa: E402
 
-UPDATE_VARIANTS = {"adamw", "lorapro-sylvester+adamw", "lorapro-zero+adamw",
-                   "lorapro-symmetric+adamw", "lorapro-full", "lorapro-full-bf16", "dense-adamw"}
+UPDATE_VARIANTS = {
+  "adamw",
+  "lorapro-sylvester+adamw",
+  "lorapro-zero+adamw",
+  "lorapro-symmetric+adamw",
+  "lorapro-full",
+  "lorapro-full-bf16",
+  "dense-adamw",
+}
 
 
 def test_smoke_writes_expected_rows(tmp_path):
@@ -29,8 +36,13 @@ def test_smoke_writes_expected_rows(tmp_path):
     variants = {r["variant"] for r in res["scaling"] if r["section"] == kind}
     assert variants == {"batched", "batched-stacked", "loop-factored", "loop-projector"}, kind
   mem = {r["variant"]: r for r in res["memory"]}
-  assert set(mem) == {"adamw", "lorapro-sylvester+adamw", "lorapro-full", "lorapro-full-bf16",
-                      "dense-adamw"}
+  assert set(mem) == {
+    "adamw",
+    "lorapro-sylvester+adamw",
+    "lorapro-full",
+    "lorapro-full-bf16",
+    "dense-adamw",
+  }
   # Exact state sizes: efficient mode keeps AdamW's state; full mode's moments are m×n.
   assert mem["lorapro-sylvester+adamw"]["state_bytes"] == mem["adamw"]["state_bytes"]
   assert mem["lorapro-full-bf16"]["state_bytes"] < mem["lorapro-full"]["state_bytes"]
@@ -40,6 +52,7 @@ def test_smoke_writes_expected_rows(tmp_path):
 
 def test_breakdown_prints_every_component(capsys):
   from benchmarks import breakdown
+
   breakdown.main(["--model", "tiny", "--layers", "1", "--target-s", "0.05", "--rounds", "1"])
   out = capsys.readouterr().out
   for name in ("adamw", "grams", "grams+amax", "outs+adamw", "lorapro", "lorapro+adamw"):

@@ -24,16 +24,19 @@ def _params():
   rng = np.random.default_rng(0)
   f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
   return {
-      "layer": {"lora_a": f(6, 2), "lora_b": jnp.zeros((2, 5), jnp.float32)},  # LoRA init
-      "stack": {"lora_a": f(3, 4, 2), "lora_b": f(3, 2, 7)},
-      "head": f(5, 3),
+    "layer": {"lora_a": f(6, 2), "lora_b": jnp.zeros((2, 5), jnp.float32)},  # LoRA init
+    "stack": {"lora_a": f(3, 4, 2), "lora_b": f(3, 2, 7)},
+    "head": f(5, 3),
   }
 
 
 def _targets():
   rng = np.random.default_rng(1)
-  return {"layer": rng.standard_normal((6, 5)), "stack": rng.standard_normal((3, 4, 7)),
-          "head": rng.standard_normal((5, 3))}
+  return {
+    "layer": rng.standard_normal((6, 5)),
+    "stack": rng.standard_normal((3, 4, 7)),
+    "head": rng.standard_normal((5, 3)),
+  }
 
 
 def _loss(params, targets, step):
@@ -47,8 +50,9 @@ def _loss(params, targets, step):
 
 
 def _make_tx(mode):
-  return lpj.lorapro_adamw(optax.linear_schedule(1e-2, 1e-3, STEPS), scale=SCALE, mode=mode,
-                           weight_decay=1e-2)
+  return lpj.lorapro_adamw(
+    optax.linear_schedule(1e-2, 1e-3, STEPS), scale=SCALE, mode=mode, weight_decay=1e-2
+  )
 
 
 def _make_step(tx):

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import lorapro_jax as lpj
 
@@ -27,9 +28,11 @@ MODES = ("efficient", "full")
 def _params():
   rng = np.random.default_rng(0)
   f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
-  return {"encoder": {"lora_a": f(6, 3), "lora_b": f(3, 5)},
-          "stack": {"lora_a": f(2, 4, 3), "lora_b": f(2, 3, 6)},
-          "head": f(5, 2)}
+  return {
+    "encoder": {"lora_a": f(6, 3), "lora_b": f(3, 5)},
+    "stack": {"lora_a": f(2, 4, 3), "lora_b": f(2, 3, 6)},
+    "head": f(5, 2),
+  }
 
 
 def _grads(params, seed=1):
@@ -73,8 +76,11 @@ def _lorapro_tx(mode, lr=1e-2):
 @pytest.mark.parametrize("mode", MODES)
 def test_partition_gives_the_head_its_own_optimizer(mode):
   params = _params()
-  labels = {"encoder": {"lora_a": "lora", "lora_b": "lora"},
-            "stack": {"lora_a": "lora", "lora_b": "lora"}, "head": "head"}
+  labels = {
+    "encoder": {"lora_a": "lora", "lora_b": "lora"},
+    "stack": {"lora_a": "lora", "lora_b": "lora"},
+    "head": "head",
+  }
   tx = optax.partition({"lora": _lorapro_tx(mode), "head": optax.sgd(0.1, momentum=0.9)}, labels)
   got = _steps(tx, params)
 
@@ -87,7 +93,8 @@ def test_partition_gives_the_head_its_own_optimizer(mode):
 
 def _ab_labels(params):
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: "b" if path[-1].key == "lora_b" else "a", params)
+    lambda path, _: "b" if path[-1].key == "lora_b" else "a", params
+  )
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -97,8 +104,9 @@ def test_lora_plus_larger_lr_for_b_after_lorapro(mode):
   params, ratio, lr = _lora(_params()), 16.0, 1e-2
   first = lpj.lorapro(S, mode=mode)
   then = (lambda lr: optax.adam(lr)) if mode == "efficient" else optax.scale_by_learning_rate
-  tx = optax.chain(first, optax.partition({"a": then(lr), "b": then(ratio * lr)},
-                                          _ab_labels(params)))
+  tx = optax.chain(
+    first, optax.partition({"a": then(lr), "b": then(ratio * lr)}, _ab_labels(params))
+  )
   plain = optax.chain(first, then(lr))
   for u, v in zip(_steps(tx, params), _steps(plain, params)):
     for k in params:
@@ -155,8 +163,9 @@ def test_map_params_over_the_state(mode):
   params = _params()
   tx = _lorapro_tx(mode)
   state = tx.init(params)
-  mapped = optax.tree.map_params(tx, lambda x: jnp.full_like(x, 7.0), state,
-                                 transform_non_params=lambda x: x)
+  mapped = optax.tree.map_params(
+    tx, lambda x: jnp.full_like(x, 7.0), state, transform_non_params=lambda x: x
+  )
   assert jax.tree.structure(mapped) == jax.tree.structure(state)
   params_like = [x for x in jax.tree.leaves(mapped) if x.ndim > 0]
   assert params_like and all(np.all(np.asarray(x) == 7.0) for x in params_like)
@@ -171,12 +180,19 @@ def test_map_params_over_the_state(mode):
   mesh = Mesh(np.array(jax.devices()[:1]), ("x",))
   spec = lambda x: NamedSharding(mesh, P(*([None] * (x.ndim - 1) + ["x"])))
   sharded = jax.device_put(params, jax.tree.map(spec, params))
-  moment_sh = (lpj.full_moment_shardings(sharded) if mode == "full"
-               else jax.tree.map(lambda x: x.sharding, sharded))
+  moment_sh = (
+    lpj.full_moment_shardings(sharded)
+    if mode == "full"
+    else jax.tree.map(lambda x: x.sharding, sharded)
+  )
   state_sh = optax.tree.map_params(
-      tx, lambda _, s: s, jax.eval_shape(tx.init, sharded), moment_sh,
-      transform_non_params=lambda _: NamedSharding(mesh, P()),
-      is_leaf=lambda x: isinstance(x, lpj.PairedSlot))
+    tx,
+    lambda _, s: s,
+    jax.eval_shape(tx.init, sharded),
+    moment_sh,
+    transform_non_params=lambda _: NamedSharding(mesh, P()),
+    is_leaf=lambda x: isinstance(x, lpj.PairedSlot),
+  )
   state = jax.jit(tx.init, out_shardings=state_sh)(sharded)
   assert jax.tree.structure(state) == jax.tree.structure(tx.init(params))
 
@@ -206,14 +222,16 @@ def test_inject_hyperparams_for_lorapro():
 
 @pytest.mark.parametrize("mode", MODES)
 def test_inject_hyperparams_for_lorapro_adamw(mode):
-  params, grads = _params(), _grads(_params())
-  hps = dict(learning_rate=1e-2, weight_decay=1e-2, b1=0.9, b2=0.999, eps=1e-8, scale=S,
-             damping=1e-6)
+  params = _params()
+  hps = dict(
+    learning_rate=1e-2, weight_decay=1e-2, b1=0.9, b2=0.999, eps=1e-8, scale=S, damping=1e-6
+  )
   tx = optax.inject_hyperparams(lpj.lorapro_adamw)(mode=mode, **hps)
   state = tx.init(params)
   assert set(hps) <= set(state.hyperparams)
-  new = dict(learning_rate=3e-3, weight_decay=0.1, b1=0.8, b2=0.99, eps=1e-4, scale=1.5,
-             damping=1e-4)
+  new = dict(
+    learning_rate=3e-3, weight_decay=0.1, b1=0.8, b2=0.99, eps=1e-4, scale=1.5, damping=1e-4
+  )
   state.hyperparams.update({k: jnp.asarray(v, jnp.float32) for k, v in new.items()})
   ref = lpj.lorapro_adamw(mode=mode, **new)
   ref_state = ref.init(params)

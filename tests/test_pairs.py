@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import lorapro_jax as lpj
 import reference as ref
 from conftest import TINY_DAMPING, random_pair
+
+import lorapro_jax as lpj
 
 
 def _flax_pair(rng, n, r, m):
@@ -70,10 +70,16 @@ def test_multi_key_suffix_spec(x64, rng):
   A, B, g = random_pair(rng, m, n, r)
   gA, gB = ref.lora_gradients(g, A, B, s)
   spec = lpj.LoRASpec("lora_A/weight", "lora_B/weight", "paper")
-  params = {"enc": {"q": {"lora_A": {"weight": A}, "lora_B": {"weight": B},
-                          "base": {"weight": np.zeros((m, n))}}}}
-  grads = {"enc": {"q": {"lora_A": {"weight": gA}, "lora_B": {"weight": gB},
-                         "base": {"weight": np.ones((m, n))}}}}
+  params = {
+    "enc": {
+      "q": {"lora_A": {"weight": A}, "lora_B": {"weight": B}, "base": {"weight": np.zeros((m, n))}}
+    }
+  }
+  grads = {
+    "enc": {
+      "q": {"lora_A": {"weight": gA}, "lora_B": {"weight": gB}, "base": {"weight": np.ones((m, n))}}
+    }
+  }
   found = lpj.find_pairs(params, spec)
   assert len(found) == 1
   f = found[0]
@@ -87,8 +93,11 @@ def test_multi_key_suffix_spec(x64, rng):
   np.testing.assert_array_equal(u["enc"]["q"]["base"]["weight"], 1.0)
   # A lone multi-key leaf is reported with its full path.
   del params["enc"]["q"]["lora_B"]
-  with pytest.raises(ValueError, match=r"enc/q/lora_A/weight \(2, 5\) has no partner "
-                                       r"enc/q/lora_B/weight"):
+  with pytest.raises(
+    ValueError,
+    match=r"enc/q/lora_A/weight \(2, 5\) has no partner "
+    r"enc/q/lora_B/weight",
+  ):
     lpj.find_pairs(params, spec)
 
 
@@ -137,9 +146,10 @@ def test_per_layer_scale_callable_with_different_ranks(x64, rng):
 
   u = _update(lpj.lorapro(scale, damping=TINY_DAMPING), grads, params)
   assert sorted(calls) == sorted([((k,), v[1]) for k, v in shapes.items()])
-  for k, (n, r, m) in shapes.items():
-    wa, wb = _ref_flax(params[k]["lora_a"], params[k]["lora_b"], grads[k]["lora_a"],
-                       grads[k]["lora_b"], 8.0 / r)
+  for k, (_n, r, _m) in shapes.items():
+    wa, wb = _ref_flax(
+      params[k]["lora_a"], params[k]["lora_b"], grads[k]["lora_a"], grads[k]["lora_b"], 8.0 / r
+    )
     _close(u[k]["lora_a"], wa)
     _close(u[k]["lora_b"], wb)
 
@@ -149,29 +159,42 @@ def test_scale_array_broadcasts_over_batch_axes(x64, rng):
   a, b = rng.standard_normal((L, n, r)), rng.standard_normal((L, r, m))
   ga, gb = rng.standard_normal((L, n, r)), rng.standard_normal((L, r, m))
   s = np.array([0.5, 1.0, 4.0, 0.25])
-  u = _update(lpj.lorapro(jnp.asarray(s), damping=TINY_DAMPING),
-              {"l": {"lora_a": ga, "lora_b": gb}}, {"l": {"lora_a": a, "lora_b": b}})
+  u = _update(
+    lpj.lorapro(jnp.asarray(s), damping=TINY_DAMPING),
+    {"l": {"lora_a": ga, "lora_b": gb}},
+    {"l": {"lora_a": a, "lora_b": b}},
+  )
   for i in range(L):
     wa, wb = _ref_flax(a[i], b[i], ga[i], gb[i], s[i])
     _close(u["l"]["lora_a"][i], wa)
     _close(u["l"]["lora_b"][i], wb)
   with pytest.raises(ValueError, match=r"scale for LoRA pair l has shape \(2,\).*\(4,\)"):
-    _update(lpj.lorapro(jnp.ones(2)), {"l": {"lora_a": ga, "lora_b": gb}},
-            {"l": {"lora_a": a, "lora_b": b}})
+    _update(
+      lpj.lorapro(jnp.ones(2)),
+      {"l": {"lora_a": ga, "lora_b": gb}},
+      {"l": {"lora_a": a, "lora_b": b}},
+    )
 
 
 def test_several_specs_in_one_tree(x64, rng):
   a1, b1 = _flax_pair(rng, 5, 2, 7)
   a2, b2 = _flax_pair(rng, 9, 3, 5)
   A3, B3, _ = random_pair(rng, 7, 5, 2)
-  params = {"x": {"lora_a": a1, "lora_b": b1}, "y": {"kernel_lora_a": a2, "kernel_lora_b": b2},
-            "z": {"lora_A": A3, "lora_B": B3}}
+  params = {
+    "x": {"lora_a": a1, "lora_b": b1},
+    "y": {"kernel_lora_a": a2, "kernel_lora_b": b2},
+    "z": {"lora_A": A3, "lora_B": B3},
+  }
   found = lpj.find_pairs(params, (lpj.FLAX_NNX, lpj.QWIX, lpj.PEFT))
   assert sorted((f.path, f.layout, f.m, f.n, f.r) for f in found) == [
-      (("x",), "flax", 7, 5, 2), (("y",), "flax", 5, 9, 3), (("z",), "paper", 7, 5, 2)]
+    (("x",), "flax", 7, 5, 2),
+    (("y",), "flax", 5, 9, 3),
+    (("z",), "paper", 7, 5, 2),
+  ]
   grads = jax.tree.map(lambda p: rng.standard_normal(p.shape), params)
-  u = _update(lpj.lorapro(2.0, damping=TINY_DAMPING, pairs=(lpj.FLAX_NNX, lpj.QWIX, lpj.PEFT)),
-              grads, params)
+  u = _update(
+    lpj.lorapro(2.0, damping=TINY_DAMPING, pairs=(lpj.FLAX_NNX, lpj.QWIX, lpj.PEFT)), grads, params
+  )
   wa, wb = _ref_flax(a2, b2, grads["y"]["kernel_lora_a"], grads["y"]["kernel_lora_b"], 2.0)
   _close(u["y"]["kernel_lora_a"], wa)
   _close(u["y"]["kernel_lora_b"], wb)
@@ -181,8 +204,12 @@ def test_several_specs_in_one_tree(x64, rng):
 
 
 def test_list_indices_and_lone_b_leaf():
-  params = {"layers": [{"lora_a": jnp.ones((4, 2)), "lora_b": jnp.ones((2, 3))},
-                       {"lora_b": jnp.ones((2, 3))}]}
+  params = {
+    "layers": [
+      {"lora_a": jnp.ones((4, 2)), "lora_b": jnp.ones((2, 3))},
+      {"lora_b": jnp.ones((2, 3))},
+    ]
+  }
   with pytest.raises(ValueError, match=r"layers/1/lora_b \(2, 3\) has no partner layers/1/lora_a"):
     lpj.find_pairs(params)
   params["layers"][1]["lora_a"] = jnp.ones((4, 2))
@@ -207,14 +234,18 @@ def test_nnx_state_paths():
 
   class Model(nnx.Module):
     def __init__(self, rngs):
-      self.layers = nnx.List([nnx.LoRALinear(4, 3, lora_rank=2, rngs=rngs),
-                              nnx.LoRALinear(3, 5, lora_rank=1, rngs=rngs)])
+      self.layers = nnx.List(
+        [nnx.LoRALinear(4, 3, lora_rank=2, rngs=rngs), nnx.LoRALinear(3, 5, lora_rank=1, rngs=rngs)]
+      )
       self.wrapped = nnx.LoRA(4, 2, 6, base_module=nnx.Linear(4, 6, rngs=rngs), rngs=rngs)
 
   model = Model(nnx.Rngs(0))
   state = nnx.state(model, nnx.LoRAParam)
-  want = [(("layers", 0, "lora"), 3, 4, 2), (("layers", 1, "lora"), 5, 3, 1),
-          (("wrapped",), 6, 4, 2)]
+  want = [
+    (("layers", 0, "lora"), 3, 4, 2),
+    (("layers", 1, "lora"), 5, 3, 1),
+    (("wrapped",), 6, 4, 2),
+  ]
   for tree in (state, nnx.as_pure(state)):
     assert [(f.path, f.m, f.n, f.r) for f in lpj.find_pairs(tree)] == want
   # The whole model state also holds the frozen kernels and biases: still 3 pairs.
@@ -229,12 +260,14 @@ def test_equivalent_gradients_one_entry_per_pair_with_callable(x64, rng):
   params = {"l": {"a1": a1, "b1": b1, "a2": a2, "b2": b2}}
   updates = jax.tree.map(lambda p: rng.standard_normal(p.shape), params)
   pairs = lambda p: [lpj.LoRAPair(("l", "a1"), ("l", "b1")), lpj.LoRAPair(("l", "a2"), ("l", "b2"))]
-  out = lpj.equivalent_gradients(jax.tree.map(jnp.asarray, params),
-                                 jax.tree.map(jnp.asarray, updates), pairs=pairs)
+  out = lpj.equivalent_gradients(
+    jax.tree.map(jnp.asarray, params), jax.tree.map(jnp.asarray, updates), pairs=pairs
+  )
   assert len(out) == 2, f"one entry per pair expected, got keys {list(out)}"
   # Documented keys: the A leaf's path when two pairs share a parent.
   assert set(out) == {("l", "a1"), ("l", "a2")}
   for k in ("1", "2"):
-    a, b, ga, gb = (params["l"][x + k] if x in "ab" else updates["l"][x[1] + k]
-                    for x in ("a", "b", "ga", "gb"))
+    a, b, ga, gb = (
+      params["l"][x + k] if x in "ab" else updates["l"][x[1] + k] for x in ("a", "b", "ga", "gb")
+    )
     _close(out[("l", "a" + k)], ga @ b + a @ gb, rtol=1e-12)  # (s·B·g^A + s·g^B·A)ᵀ, s = 1

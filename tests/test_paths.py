@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 import reference as ref
 from conftest import random_pair, run_lorapro
+
 from lorapro_jax import batched
 
 X_CHOICES = ("sylvester", "zero", "symmetric")
@@ -37,6 +37,7 @@ def fallback_calls(monkeypatch):
 
 def _reference(A, B, g_A, g_B, s, x_choice):
   """Theorem 2.1 in float64 with the same relative damping as the library."""
+
   def damped_inv(G):
     w, Q = np.linalg.eigh(G)
     w = np.maximum(w, 0)
@@ -62,8 +63,10 @@ def _reference(A, B, g_A, g_B, s, x_choice):
 
 
 def _rel_err(got, want):
-  return max(np.max(np.abs(np.asarray(x, np.float64) - y)) / max(np.max(np.abs(y)), 1e-300)
-             for x, y in zip(got, want))
+  return max(
+    np.max(np.abs(np.asarray(x, np.float64) - y)) / max(np.max(np.abs(y)), 1e-300)
+    for x, y in zip(got, want)
+  )
 
 
 @pytest.mark.parametrize("x_choice", X_CHOICES)
@@ -79,9 +82,13 @@ def test_raw_path_for_ordinary_inputs(fallback_calls, layout, x_choice):
 
 # (scale of A, scale of B, scale of the gradients): factors whose Gram
 # matrices underflow or overflow in float32, B = 0, gradients that overflow.
-EXTREMES = {"tiny_A": (1e-24, 1.0, 1.0), "tiny_B": (1.0, 1e-25, 1e-25),
-            "huge_factors": (1e20, 1e21, 1e20), "zero_B": (1.0, 0.0, 1.0),
-            "huge_gradients_small_B": (1.0, 1e-12, 1e28)}
+EXTREMES = {
+  "tiny_A": (1e-24, 1.0, 1.0),
+  "tiny_B": (1.0, 1e-25, 1e-25),
+  "huge_factors": (1e20, 1e21, 1e20),
+  "zero_B": (1.0, 0.0, 1.0),
+  "huge_gradients_small_B": (1.0, 1e-12, 1e28),
+}
 
 
 def _run_float32(A, B, g_A, g_B, x_choice):
@@ -122,15 +129,21 @@ def test_extreme_inputs_compiled(case, x_choice):
 # these products into elementwise ones and rewrites them. Not (1, 4, tiny A) with
 # X = 0 and the like: there g^B = (I - B(BᵀB)⁻¹Bᵀ)·… is a difference of nearly
 # equal terms (m = r), correct only to about eps/δ.
-@pytest.mark.parametrize("m, n, a, b, x_choice", [
+@pytest.mark.parametrize(
+  "m, n, a, b, x_choice",
+  [
     # β² (or α²) underflows: the fallback once divided by β·β (XLA's rewrite
     # of (x/β)/β) and returned ±max or 0/0.
-    (2, 1, 1e2, 1e-21, "zero"), (2, 1, 1e2, 1e-21, "symmetric"),
+    (2, 1, 1e2, 1e-21, "zero"),
+    (2, 1, 1e2, 1e-21, "symmetric"),
     (1, 4, 1e-22, 1e3, "symmetric"),
     # α² (or β²) overflows: the raw path once took the Inf Gram matrix, whose
     # damped inverse is 0, and dropped the projection.
-    (5, 1, 1e20, 1.0, "zero"), (5, 1, 1e20, 1.0, "symmetric"),
-    (1, 5, 1.0, 1e20, "symmetric")])
+    (5, 1, 1e20, 1.0, "zero"),
+    (5, 1, 1e20, 1.0, "symmetric"),
+    (1, 5, 1.0, 1e20, "symmetric"),
+  ],
+)
 def test_compiled_rank_one_with_extreme_scales(m, n, a, b, x_choice):
   """The first kind was found by a fuzz campaign, the second by a grid over
   extreme scales compared with the op-by-op (disable_jit) result; the result
@@ -148,8 +161,9 @@ def test_nan_gradient_falls_back_and_propagates_per_slice(fallback_calls):
   g_A = np.einsum("kmr,kmn->krn", B, g)
   g_B = np.einsum("kmn,krn->kmr", g, A)
   g_A[1, 0, 0] = np.nan
-  pair = batched.LeafPair(*(jnp.asarray(x) for x in (A, B, g_A, g_B)),
-                          jnp.ones(2, jnp.float32), "paper")
+  pair = batched.LeafPair(
+    *(jnp.asarray(x) for x in (A, B, g_A, g_B)), jnp.ones(2, jnp.float32), "paper"
+  )
   [(out_A, out_B)] = batched.adjust([pair], "sylvester", DAMPING)
   assert fallback_calls
   assert np.isnan(out_A[1]).all() and np.isnan(out_B[1]).all()

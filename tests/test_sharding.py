@@ -26,10 +26,19 @@ MESH_AXIS = {"fsdp": "fsdp", "tp": "model", "dp": "data"}
 def report():
   root = os.path.dirname(HERE)  # lorapro_jax importable even without an install
   path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu", PYTHONPATH=path)
-  proc = subprocess.run([sys.executable, os.path.join(HERE, "sharding_check.py")], env=env,
-                        capture_output=True, text=True, timeout=600)
+  env = dict(
+    os.environ,
+    XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    JAX_PLATFORMS="cpu",
+    PYTHONPATH=path,
+  )
+  proc = subprocess.run(
+    [sys.executable, os.path.join(HERE, "sharding_check.py")],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert proc.returncode == 0, proc.stderr[-5000:]
   data = json.loads(proc.stdout.strip().splitlines()[-1])
   cases = {(c["layout"], c["mode"], c["dtype"]): c for c in data["cases"]}
@@ -55,8 +64,10 @@ def _leaves(tree):
 
 def _arrays(shape_text):
   """'(f32[3,4,4]{1,2,0}, f32[1]{0})' -> [(3, 4, 4), (1,)]."""
-  return [tuple(int(d) for d in dims.split(",") if d)
-          for dims in re.findall(r"[a-z]+\d*\[([\d,]*)\]", shape_text)]
+  return [
+    tuple(int(d) for d in dims.split(",") if d)
+    for dims in re.findall(r"[a-z]+\d*\[([\d,]*)\]", shape_text)
+  ]
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -83,13 +94,25 @@ def test_updates_are_sharded_like_the_params(report, layout, mode):
 # adapted weight. FSDP splits A (in) and B (out) over one mesh axis, which can
 # split one axis of the moment only: out features, as B @ A is computed.
 EXPECTED_MOMENTS = {
-    "fsdp": {("q", "lora_a"): [None, "fsdp"], ("v", "lora_a"): [None, "fsdp"],
-             ("mlp", "lora_a"): [None, None, "fsdp"], ("head",): ["fsdp"]},
-    "tp": {("q", "lora_a"): [None, "model"], ("v", "lora_a"): [None, "model"],
-           ("mlp", "lora_a"): [None, None, "model"], ("head",): [None, "model"]},
-    # Replicated params, ZeRO-style moments given through out_shardings.
-    "dp": {("q", "lora_a"): ["data"], ("v", "lora_a"): ["data"],
-           ("mlp", "lora_a"): [None, "data"], ("head",): ["data"]},
+  "fsdp": {
+    ("q", "lora_a"): [None, "fsdp"],
+    ("v", "lora_a"): [None, "fsdp"],
+    ("mlp", "lora_a"): [None, None, "fsdp"],
+    ("head",): ["fsdp"],
+  },
+  "tp": {
+    ("q", "lora_a"): [None, "model"],
+    ("v", "lora_a"): [None, "model"],
+    ("mlp", "lora_a"): [None, None, "model"],
+    ("head",): [None, "model"],
+  },
+  # Replicated params, ZeRO-style moments given through out_shardings.
+  "dp": {
+    ("q", "lora_a"): ["data"],
+    ("v", "lora_a"): ["data"],
+    ("mlp", "lora_a"): [None, "data"],
+    ("head",): ["data"],
+  },
 }
 
 

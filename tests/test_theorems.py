@@ -12,12 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference as ref
+from conftest import pair_tree, pairs_arg, random_pair, run_lorapro
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lorapro_jax as lpj
-import reference as ref
-from conftest import pair_tree, pairs_arg, random_pair, run_lorapro
 
 X_CHOICES = ("sylvester", "zero", "symmetric")
 LAYOUTS = ("flax", "paper")
@@ -92,8 +92,10 @@ def test_theorem_2_1_perturbations_increase_distance(x64, layout, x_choice):
   # Perturbing along (X·A, -B·X) leaves the equivalent gradient unchanged:
   # that is the free r×r matrix X of Theorem 2.1.
   X = rng.standard_normal((r, r))
-  _close(ref.equivalent_gradient(oA + X @ A, oB - B @ X, A, B, s),
-         ref.equivalent_gradient(oA, oB, A, B, s))
+  _close(
+    ref.equivalent_gradient(oA + X @ A, oB - B @ X, A, B, s),
+    ref.equivalent_gradient(oA, oB, A, B, s),
+  )
 
 
 # ----------------------------------------------------------------- Theorem 2.2
@@ -125,9 +127,16 @@ def test_theorem_2_2_descent_direction(x64, layout, x_choice, m, n, r, s):
   np.testing.assert_allclose(inner, np.sum(g * g_tilde), rtol=1e-8)
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(shape=st.sampled_from(SHAPES), s=st.floats(0.1, 10.0), seed=st.integers(0, 2**31 - 1),
-       x_choice=st.sampled_from(X_CHOICES), layout=st.sampled_from(LAYOUTS))
+@settings(
+  max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+  shape=st.sampled_from(SHAPES),
+  s=st.floats(0.1, 10.0),
+  seed=st.integers(0, 2**31 - 1),
+  x_choice=st.sampled_from(X_CHOICES),
+  layout=st.sampled_from(LAYOUTS),
+)
 def test_theorem_2_2_property(x64, shape, s, seed, x_choice, layout):
   m, n, r, _ = shape
   A, B, g, gA, gB = _problem(seed, m, n, r, s)
@@ -152,7 +161,7 @@ def _implied_x(oA, gA, A, B, s):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("m,n,r,s", SHAPES)
 def test_theorem_2_3_sylvester(x64, layout, m, n, r, s):
-  A, B, g, gA, gB = _problem(20 + m, m, n, r, s)
+  A, B, _g, gA, gB = _problem(20 + m, m, n, r, s)
   oA, oB = run_lorapro(A, B, gA, gB, s, layout, x_choice="sylvester")
   X = _implied_x(oA, gA, A, B, s)
   # The output really has the form of Eq. (8) with this X (A has full row rank).
@@ -175,7 +184,7 @@ def test_theorem_2_3_sylvester(x64, layout, m, n, r, s):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("m,n,r,s", SHAPES[:3])
 def test_theorem_2_3_sylvester_is_closest(x64, layout, m, n, r, s):
-  A, B, g, gA, gB = _problem(30 + n, m, n, r, s)
+  A, B, _g, gA, gB = _problem(30 + n, m, n, r, s)
   dist = {}
   for xc in X_CHOICES:
     oA, oB = run_lorapro(A, B, gA, gB, s, layout, x_choice=xc)
@@ -198,7 +207,7 @@ def test_printed_eq16_is_not_an_r_by_r_matrix():
   """Printed Eq. (16), X = -(1/2s)·B(BᵀB)⁻¹Bᵀ·g·A(AᵀA)⁻¹A, does not conform
   (g·A needs n = r); read with the evident Aᵀ(AAᵀ)⁻¹A it is m×n, not r×r."""
   m, n, r, s = 7, 5, 2, 1.5
-  A, B, g, gA, gB = _problem(40, m, n, r, s)
+  A, B, g, _gA, _gB = _problem(40, m, n, r, s)
   P_B = B @ np.linalg.inv(B.T @ B) @ B.T
   with pytest.raises(ValueError):
     _ = P_B @ g @ A  # (m×n)·(r×n): the printed product is undefined
@@ -255,9 +264,16 @@ def test_b_zero_first_step_float32_default_damping(layout, x_choice):
   A, _, g, _, _ = _problem(61, m, n, r, s)
   B = np.zeros((m, r))
   gA, gB = ref.lora_gradients(g, A, B, s)
-  oA, oB = run_lorapro(A.astype(np.float32), B.astype(np.float32), gA.astype(np.float32),
-                       gB.astype(np.float32), s, layout, damping=lpj.DEFAULT_DAMPING,
-                       x_choice=x_choice)
+  oA, oB = run_lorapro(
+    A.astype(np.float32),
+    B.astype(np.float32),
+    gA.astype(np.float32),
+    gB.astype(np.float32),
+    s,
+    layout,
+    damping=lpj.DEFAULT_DAMPING,
+    x_choice=x_choice,
+  )
   assert oA.dtype == np.float32
   np.testing.assert_array_equal(oA, 0)
   want = gB @ np.linalg.inv(A @ A.T) / s**2
@@ -272,15 +288,15 @@ def _finite_cases(rng, m=7, n=5, r=2):
   B_def = B.copy()
   B_def[:, 1] = 0.0  # rank r - 1
   return {
-      "zero_A_and_B": (np.zeros_like(A), np.zeros_like(B)),
-      "zero_A": (np.zeros_like(A), B),
-      "rank_deficient_A": (A_def, B),
-      "rank_deficient_B": (A, B_def),
-      "rank_one_both": (np.outer(np.ones(r), A[0]), np.outer(B[:, 0], np.ones(r))),
-      "tiny": (1e-20 * A, 1e-20 * B),
-      "huge": (1e20 * A, 1e20 * B),
-      "tiny_A_huge_B": (1e-20 * A, 1e20 * B),
-      "huge_A_tiny_B": (1e20 * A, 1e-20 * B),
+    "zero_A_and_B": (np.zeros_like(A), np.zeros_like(B)),
+    "zero_A": (np.zeros_like(A), B),
+    "rank_deficient_A": (A_def, B),
+    "rank_deficient_B": (A, B_def),
+    "rank_one_both": (np.outer(np.ones(r), A[0]), np.outer(B[:, 0], np.ones(r))),
+    "tiny": (1e-20 * A, 1e-20 * B),
+    "huge": (1e20 * A, 1e20 * B),
+    "tiny_A_huge_B": (1e-20 * A, 1e20 * B),
+    "huge_A_tiny_B": (1e20 * A, 1e-20 * B),
   }
 
 
@@ -324,8 +340,9 @@ def test_extreme_scales_still_solve_theorem_2_1_float32(scale_exp):
   c = 10.0**scale_exp
   A_c, B_c = c * A, c * B
   gA, gB = ref.lora_gradients(g, A_c, B_c, s)
-  oA, oB = run_lorapro(*(x.astype(np.float32) for x in (A_c, B_c, gA, gB)), s, "flax",
-                       damping=lpj.DEFAULT_DAMPING)
+  oA, oB = run_lorapro(
+    *(x.astype(np.float32) for x in (A_c, B_c, gA, gB)), s, "flax", damping=lpj.DEFAULT_DAMPING
+  )
   assert np.all(np.isfinite(oA)) and np.all(np.isfinite(oB))
   g_tilde = ref.equivalent_gradient(oA.astype(np.float64), oB.astype(np.float64), A_c, B_c, s)
   want = ref.projected_gradient(g, A, B)

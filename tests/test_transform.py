@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
-import lorapro_jax as lpj
 import reference as ref
 from conftest import TINY_DAMPING, get_pair, pair_tree, pairs_arg
+
+import lorapro_jax as lpj
 
 X_CHOICES = ("sylvester", "zero", "symmetric")
 LAYOUTS = ("flax", "paper")
@@ -60,9 +60,16 @@ def test_full_mode_matches_algorithm_3(x64, layout, x_choice):
   fg = _quadratic(2, m, n, s)
   want = ref.algorithm3(A0, B0, fg, [lr] * steps, s, x_choice=x_choice)
   tx = optax.chain(
-      lpj.lorapro(s, mode="full", x_choice=x_choice, damping=TINY_DAMPING,
-                  moment_dtype=jnp.float64, pairs=pairs_arg(layout)),
-      optax.scale_by_learning_rate(lr))
+    lpj.lorapro(
+      s,
+      mode="full",
+      x_choice=x_choice,
+      damping=TINY_DAMPING,
+      moment_dtype=jnp.float64,
+      pairs=pairs_arg(layout),
+    ),
+    optax.scale_by_learning_rate(lr),
+  )
   got, state = _train(tx, A0, B0, fg, steps, s, layout)
   for (gA, gB), (wA, wB) in zip(got, want):
     _close(gA, wA)
@@ -74,9 +81,9 @@ def test_full_mode_state_layout_and_dtypes():
   """Moments: m×n, laid out like the adapted weight, in the A slot; B slot masked."""
   L, n, r, m = 3, 6, 2, 5
   params = {
-      "flax": {"lora_a": jnp.zeros((L, n, r)), "lora_b": jnp.zeros((L, r, m))},
-      "peft": {"lora_A": jnp.zeros((r, n)), "lora_B": jnp.zeros((m, r))},
-      "other": jnp.zeros((4,)),
+    "flax": {"lora_a": jnp.zeros((L, n, r)), "lora_b": jnp.zeros((L, r, m))},
+    "peft": {"lora_A": jnp.zeros((r, n)), "lora_B": jnp.zeros((m, r))},
+    "other": jnp.zeros((4,)),
   }
   state = lpj.lorapro(mode="full", pairs=(lpj.FLAX_NNX, lpj.PEFT)).init(params)
   assert isinstance(state, lpj.ScaleByLoraProFullState)
@@ -87,8 +94,9 @@ def test_full_mode_state_layout_and_dtypes():
     assert isinstance(mom["peft"]["lora_B"], lpj.PairedSlot)
     chex.assert_shape(mom["other"], (4,))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(mom))
-  half = lpj.lorapro(mode="full", moment_dtype=jnp.bfloat16,
-                     pairs=(lpj.FLAX_NNX, lpj.PEFT)).init(params)
+  half = lpj.lorapro(mode="full", moment_dtype=jnp.bfloat16, pairs=(lpj.FLAX_NNX, lpj.PEFT)).init(
+    params
+  )
   nbytes = lambda st: sum(x.nbytes for x in jax.tree.leaves((st.mu, st.nu)))
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves((half.mu, half.nu)))
   assert 2 * nbytes(half) == nbytes(state)
@@ -100,8 +108,9 @@ def test_full_mode_bfloat16_moments_train(rng):
   fg = _quadratic(3, m, n, s)
   res = {}
   for dt in (jnp.float32, jnp.bfloat16):
-    tx = optax.chain(lpj.lorapro(s, mode="full", moment_dtype=dt),
-                     optax.scale_by_learning_rate(1e-2))
+    tx = optax.chain(
+      lpj.lorapro(s, mode="full", moment_dtype=dt), optax.scale_by_learning_rate(1e-2)
+    )
     got, state = _train(tx, A0.astype(np.float32), B0.astype(np.float32), fg, 4, s, "flax")
     assert state[0].mu["layer"]["lora_a"].dtype == dt
     res[dt] = got[-1]
@@ -118,8 +127,15 @@ def test_lorapro_adamw_full_weight_decay_matches_eq_57_58(x64, layout):
   # optax evaluates the schedule at the int32 count 0, 1, ... (in float32).
   lrs = [float(sched(jnp.asarray(t, jnp.int32))) for t in range(steps)]
   want = ref.algorithm3(A0, B0, fg, lrs, s, weight_decay=lam)
-  tx = lpj.lorapro_adamw(sched, scale=s, mode="full", weight_decay=lam, damping=TINY_DAMPING,
-                         moment_dtype=jnp.float64, pairs=pairs_arg(layout))
+  tx = lpj.lorapro_adamw(
+    sched,
+    scale=s,
+    mode="full",
+    weight_decay=lam,
+    damping=TINY_DAMPING,
+    moment_dtype=jnp.float64,
+    pairs=pairs_arg(layout),
+  )
   got, _ = _train(tx, A0, B0, fg, steps, s, layout)
   for (gA, gB), (wA, wB) in zip(got, want):
     _close(gA, wA)
@@ -131,9 +147,13 @@ def test_lorapro_adamw_full_decay_alone(x64):
   so s·B·A ← (1-γλ)·s·B·A; other leaves get AdamW's (1-γλ)."""
   rng = np.random.default_rng(6)
   lr, lam = 0.1, 0.5
-  params = {"layer": {"lora_a": jnp.asarray(rng.standard_normal((5, 2))),
-                      "lora_b": jnp.asarray(rng.standard_normal((2, 7)))},
-            "w": jnp.asarray(rng.standard_normal((3,)))}
+  params = {
+    "layer": {
+      "lora_a": jnp.asarray(rng.standard_normal((5, 2))),
+      "lora_b": jnp.asarray(rng.standard_normal((2, 7))),
+    },
+    "w": jnp.asarray(rng.standard_normal((3,))),
+  }
   tx = lpj.lorapro_adamw(lr, mode="full", weight_decay=lam)
   zeros = jax.tree.map(jnp.zeros_like, params)
   u, _ = tx.update(zeros, tx.init(params), params)
@@ -141,17 +161,24 @@ def test_lorapro_adamw_full_decay_alone(x64):
   c = np.sqrt(1 - lr * lam)
   _close(new["layer"]["lora_a"], c * params["layer"]["lora_a"], rtol=1e-12)
   _close(new["layer"]["lora_b"], c * params["layer"]["lora_b"], rtol=1e-12)
-  _close(new["layer"]["lora_a"] @ new["layer"]["lora_b"],
-         (1 - lr * lam) * params["layer"]["lora_a"] @ params["layer"]["lora_b"], rtol=1e-12)
+  _close(
+    new["layer"]["lora_a"] @ new["layer"]["lora_b"],
+    (1 - lr * lam) * params["layer"]["lora_a"] @ params["layer"]["lora_b"],
+    rtol=1e-12,
+  )
   _close(new["w"], (1 - lr * lam) * params["w"], rtol=1e-12)
 
 
 def test_full_mode_non_pair_leaves_get_adam(x64):
   rng = np.random.default_rng(7)
-  params = {"layer": {"lora_a": jnp.asarray(rng.standard_normal((5, 2))),
-                      "lora_b": jnp.asarray(rng.standard_normal((2, 7)))},
-            "bias": jnp.asarray(rng.standard_normal((7,))),
-            "head": jnp.asarray(rng.standard_normal((3, 3)))}
+  params = {
+    "layer": {
+      "lora_a": jnp.asarray(rng.standard_normal((5, 2))),
+      "lora_b": jnp.asarray(rng.standard_normal((2, 7))),
+    },
+    "bias": jnp.asarray(rng.standard_normal((7,))),
+    "head": jnp.asarray(rng.standard_normal((3, 3))),
+  }
   tx = lpj.lorapro(mode="full", b1=0.8, b2=0.95, eps=1e-6, moment_dtype=jnp.float64)
   adam = optax.scale_by_adam(b1=0.8, b2=0.95, eps=1e-6)
   st, st_adam = tx.init(params), adam.init({"bias": params["bias"], "head": params["head"]})
@@ -175,15 +202,17 @@ def test_efficient_mode_with_adamw_matches_algorithm_2(x64, layout, x_choice):
   fg = _quadratic(9, m, n, s)
   want = ref.algorithm2(A0, B0, fg, [lr] * steps, s, x_choice=x_choice, weight_decay=lam)
   tx = optax.chain(
-      lpj.lorapro(s, x_choice=x_choice, damping=TINY_DAMPING, pairs=pairs_arg(layout)),
-      optax.adamw(lr, weight_decay=lam))
+    lpj.lorapro(s, x_choice=x_choice, damping=TINY_DAMPING, pairs=pairs_arg(layout)),
+    optax.adamw(lr, weight_decay=lam),
+  )
   got, _ = _train(tx, A0, B0, fg, steps, s, layout)
   for (gA, gB), (wA, wB) in zip(got, want):
     _close(gA, wA)
     _close(gB, wB)
   # lorapro_adamw(mode="efficient") is the same chain.
-  tx2 = lpj.lorapro_adamw(lr, scale=s, weight_decay=lam, x_choice=x_choice,
-                          damping=TINY_DAMPING, pairs=pairs_arg(layout))
+  tx2 = lpj.lorapro_adamw(
+    lr, scale=s, weight_decay=lam, x_choice=x_choice, damping=TINY_DAMPING, pairs=pairs_arg(layout)
+  )
   got2, _ = _train(tx2, A0, B0, fg, steps, s, layout)
   for (gA, gB), (wA, wB) in zip(got2, want):
     _close(gA, wA)
@@ -191,9 +220,14 @@ def test_efficient_mode_with_adamw_matches_algorithm_2(x64, layout, x_choice):
 
 
 def test_efficient_mode_is_stateless_and_passes_other_leaves_through(rng):
-  params = {"layer": {"lora_a": jnp.asarray(rng.standard_normal((5, 2)), jnp.float32),
-                      "lora_b": jnp.asarray(rng.standard_normal((2, 7)), jnp.float32)},
-            "bias": jnp.ones((7,)), "emb": jnp.ones((3, 3))}
+  params = {
+    "layer": {
+      "lora_a": jnp.asarray(rng.standard_normal((5, 2)), jnp.float32),
+      "lora_b": jnp.asarray(rng.standard_normal((2, 7)), jnp.float32),
+    },
+    "bias": jnp.ones((7,)),
+    "emb": jnp.ones((3, 3)),
+  }
   g = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), p.dtype), params)
   tx = lpj.lorapro(2.0)
   st = tx.init(params)
@@ -246,31 +280,50 @@ def test_stacked_leaves_equal_per_slice(x64, mode, batch):
 def _mixed_tree(rng, dtype=np.float64):
   """Pairs that exercise every grouping path: equal shapes (concatenated), equal
   rank with other shapes (one batched eigh), other ranks, stacked, paper layout."""
+
   def pair(n, r, m, batch=()):
-    return {"lora_a": rng.standard_normal(batch + (n, r)).astype(dtype),
-            "lora_b": rng.standard_normal(batch + (r, m)).astype(dtype)}
+    return {
+      "lora_a": rng.standard_normal(batch + (n, r)).astype(dtype),
+      "lora_b": rng.standard_normal(batch + (r, m)).astype(dtype),
+    }
+
   return {
-      "p1": pair(5, 2, 7),
-      "p2": pair(5, 2, 7),  # same (m, n, r): same group as p1
-      "p3": pair(9, 2, 4),  # same rank, other shape: same eigh bucket
-      "p4": pair(5, 3, 7),  # other rank
-      "p5": pair(5, 2, 7, (3,)),  # stacked, per-slice shape of p1: same group
-      "peft": {"lora_A": rng.standard_normal((2, 7)).astype(dtype),  # paper layout of p1
-               "lora_B": rng.standard_normal((7, 2)).astype(dtype)},
-      "bias": rng.standard_normal((7,)).astype(dtype),
+    "p1": pair(5, 2, 7),
+    "p2": pair(5, 2, 7),  # same (m, n, r): same group as p1
+    "p3": pair(9, 2, 4),  # same rank, other shape: same eigh bucket
+    "p4": pair(5, 3, 7),  # other rank
+    "p5": pair(5, 2, 7, (3,)),  # stacked, per-slice shape of p1: same group
+    "peft": {
+      "lora_A": rng.standard_normal((2, 7)).astype(dtype),  # paper layout of p1
+      "lora_B": rng.standard_normal((7, 2)).astype(dtype),
+    },
+    "bias": rng.standard_normal((7,)).astype(dtype),
   }
 
 
-@pytest.mark.parametrize("mode,x_choice", [("efficient", "sylvester"), ("efficient", "zero"),
-                                           ("efficient", "symmetric"), ("full", "sylvester"),
-                                           ("full", "symmetric")])
+@pytest.mark.parametrize(
+  "mode,x_choice",
+  [
+    ("efficient", "sylvester"),
+    ("efficient", "zero"),
+    ("efficient", "symmetric"),
+    ("full", "sylvester"),
+    ("full", "symmetric"),
+  ],
+)
 def test_mixed_pairs_in_one_tree_equal_reference_per_pair(x64, mode, x_choice):
   rng = np.random.default_rng(11)
   params = _mixed_tree(rng)
   grads = jax.tree.map(lambda p: rng.standard_normal(p.shape), params)
   scale = lambda path, rank: 4.0 / rank
-  tx = lpj.lorapro(scale, mode=mode, x_choice=x_choice, damping=TINY_DAMPING,
-                   moment_dtype=jnp.float64, pairs=(lpj.FLAX_NNX, lpj.PEFT))
+  tx = lpj.lorapro(
+    scale,
+    mode=mode,
+    x_choice=x_choice,
+    damping=TINY_DAMPING,
+    moment_dtype=jnp.float64,
+    pairs=(lpj.FLAX_NNX, lpj.PEFT),
+  )
   jp, jg = jax.tree.map(jnp.asarray, params), jax.tree.map(jnp.asarray, grads)
   u, _ = tx.update(jg, tx.init(jp), jp)
   for key in ("p1", "p2", "p3", "p4", "p5"):
@@ -282,8 +335,9 @@ def test_mixed_pairs_in_one_tree_equal_reference_per_pair(x64, mode, x_choice):
       _close(u[key]["lora_a"][idx], wa)
       _close(u[key]["lora_b"][idx], wb)
   P, G = params["peft"], grads["peft"]
-  wa, wb = _ref_pair_update(mode, P["lora_A"].T, P["lora_B"].T, G["lora_A"].T, G["lora_B"].T,
-                            2.0, x_choice)
+  wa, wb = _ref_pair_update(
+    mode, P["lora_A"].T, P["lora_B"].T, G["lora_A"].T, G["lora_B"].T, 2.0, x_choice
+  )
   _close(u["peft"]["lora_A"], wa.T)
   _close(u["peft"]["lora_B"], wb.T)
   if mode == "efficient":
@@ -328,13 +382,18 @@ def test_jit_traces_once_and_needs_no_host_sync(mode, rng):
 
 @pytest.mark.parametrize("mode", ["efficient", "full"])
 def test_multisteps_accumulates_then_applies_once(x64, mode, rng):
-  params = {"l": {"lora_a": jnp.asarray(rng.standard_normal((5, 2))),
-                  "lora_b": jnp.asarray(rng.standard_normal((2, 7)))},
-            "bias": jnp.asarray(rng.standard_normal((7,)))}
+  params = {
+    "l": {
+      "lora_a": jnp.asarray(rng.standard_normal((5, 2))),
+      "lora_b": jnp.asarray(rng.standard_normal((2, 7))),
+    },
+    "bias": jnp.asarray(rng.standard_normal((7,))),
+  }
   g1 = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape)), params)
   g2 = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape)), params)
-  make = lambda: lpj.lorapro_adamw(1e-2, scale=2.0, mode=mode, weight_decay=0.1,
-                                   moment_dtype=jnp.float64, damping=TINY_DAMPING)
+  make = lambda: lpj.lorapro_adamw(
+    1e-2, scale=2.0, mode=mode, weight_decay=0.1, moment_dtype=jnp.float64, damping=TINY_DAMPING
+  )
   ms = optax.MultiSteps(make(), every_k_schedule=2)
   update = jax.jit(ms.update)  # one compilation for both calls (lax.cond inside)
   st = ms.init(params)
@@ -349,11 +408,16 @@ def test_multisteps_accumulates_then_applies_once(x64, mode, rng):
 
 @pytest.mark.parametrize("mode", ["efficient", "full"])
 def test_inject_hyperparams_learning_rate(mode, rng):
-  params = {"l": {"lora_a": jnp.asarray(rng.standard_normal((5, 2)), jnp.float32),
-                  "lora_b": jnp.asarray(rng.standard_normal((2, 7)), jnp.float32)}}
+  params = {
+    "l": {
+      "lora_a": jnp.asarray(rng.standard_normal((5, 2)), jnp.float32),
+      "lora_b": jnp.asarray(rng.standard_normal((2, 7)), jnp.float32),
+    }
+  }
   g = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), p.dtype), params)
   tx = optax.inject_hyperparams(lpj.lorapro_adamw, static_args=("mode",))(
-      learning_rate=1e-2, scale=2.0, mode=mode, weight_decay=0.0)
+    learning_rate=1e-2, scale=2.0, mode=mode, weight_decay=0.0
+  )
   st = tx.init(params)
   assert float(st.hyperparams["learning_rate"]) == pytest.approx(1e-2)
   update = jax.jit(tx.update)
@@ -367,9 +431,14 @@ def test_inject_hyperparams_learning_rate(mode, rng):
 
 
 def _lora_and_rest(rng, dtype=jnp.float32):
-  params = {"lin": {"lora_a": jnp.asarray(rng.standard_normal((5, 2)), dtype),
-                    "lora_b": jnp.asarray(rng.standard_normal((2, 7)), dtype)},
-            "bias": jnp.ones((7,), dtype), "head": jnp.ones((3, 3), dtype)}
+  params = {
+    "lin": {
+      "lora_a": jnp.asarray(rng.standard_normal((5, 2)), dtype),
+      "lora_b": jnp.asarray(rng.standard_normal((2, 7)), dtype),
+    },
+    "bias": jnp.ones((7,), dtype),
+    "head": jnp.ones((3, 3), dtype),
+  }
   grads = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), dtype), params)
   return params, grads
 
@@ -410,8 +479,9 @@ def test_mask_that_splits_a_pair_raises(mode, rng):
     tx.update(grads, st, params)
   if mode == "full":  # the decay mask of Eq. (57)-(58) must not split a pair either
     with pytest.raises(ValueError, match=r"lin/lora_b \(2, 7\) has no partner lin/lora_a"):
-      tx = lpj.lorapro_adamw(1e-2, mode=mode, mask={"lin": {"lora_a": False, "lora_b": True},
-                                                   "bias": True, "head": True})
+      tx = lpj.lorapro_adamw(
+        1e-2, mode=mode, mask={"lin": {"lora_a": False, "lora_b": True}, "bias": True, "head": True}
+      )
       st = tx.init(params)
       tx.update(grads, st, params)
 
@@ -440,11 +510,17 @@ def test_bfloat16_params_and_grads(mode, rng):
   u16, _ = tx.update(bf(grads), tx.init(bf(params)), bf(params))
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(u16))
   assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(u16))
-  u32, _ = tx.update(bf(grads), tx.init(params), jax.tree.map(
-      lambda x: x.astype(jnp.bfloat16).astype(jnp.float32), params))
-  chex.assert_trees_all_close(jax.tree.map(lambda x: x.astype(jnp.float32), u16),
-                              jax.tree.map(lambda x: x.astype(jnp.float32), u32),
-                              rtol=0.05, atol=2e-3)
+  u32, _ = tx.update(
+    bf(grads),
+    tx.init(params),
+    jax.tree.map(lambda x: x.astype(jnp.bfloat16).astype(jnp.float32), params),
+  )
+  chex.assert_trees_all_close(
+    jax.tree.map(lambda x: x.astype(jnp.float32), u16),
+    jax.tree.map(lambda x: x.astype(jnp.float32), u32),
+    rtol=0.05,
+    atol=2e-3,
+  )
 
 
 @pytest.mark.parametrize("mode", ["efficient", "full"])
@@ -479,7 +555,9 @@ def test_lone_leaf_raises_with_path_and_shape(mode):
 
 def test_mismatched_ranks_raise():
   params = {"l": {"lora_a": jnp.ones((4, 2)), "lora_b": jnp.ones((3, 5))}}
-  with pytest.raises(ValueError, match=r"A=l/lora_a \(4, 2\), B=l/lora_b \(3, 5\).*ranks differ \(2 vs 3\)"):
+  with pytest.raises(
+    ValueError, match=r"A=l/lora_a \(4, 2\), B=l/lora_b \(3, 5\).*ranks differ \(2 vs 3\)"
+  ):
     lpj.lorapro().update(params, (), params)
   peft = {"l": {"lora_A": jnp.ones((2, 4)), "lora_B": jnp.ones((5, 3))}}
   with pytest.raises(ValueError, match=r"l/lora_A \(2, 4\).*layout 'paper'.*ranks differ"):
@@ -504,7 +582,7 @@ def test_one_dimensional_leaf_raises():
 def test_bad_options_raise():
   with pytest.raises(ValueError, match="mode must be 'efficient' or 'full', got 'fast'"):
     lpj.lorapro(mode="fast")
-  with pytest.raises(ValueError, match="x_choice must be one of .*got 'eig'"):
+  with pytest.raises(ValueError, match=r"x_choice must be one of .*got 'eig'"):
     lpj.lorapro(x_choice="eig")
   with pytest.raises(ValueError, match="mode"):
     lpj.lorapro_adamw(1e-3, mode="fast")
