@@ -11,8 +11,11 @@ printed come from the same rounds.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import importlib
 import os
 import platform
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -38,6 +41,45 @@ def device_info() -> dict:
     "processor": platform.processor() or platform.machine(),
     "label": f"{d.device_kind} ({d.platform}, {jax.device_count()} device(s), "
     f"{os.cpu_count()} CPU cores)",
+  }
+
+
+def provenance() -> dict:
+  """What code the numbers were measured with: git commit, uncommitted changes, versions."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+  def git(*args):
+    try:
+      out = subprocess.run(
+        ["git", "-C", root, *args], capture_output=True, text=True, timeout=10, check=True
+      )
+    except (OSError, subprocess.SubprocessError):
+      return None
+    return out.stdout
+
+  commit, status = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+  versions = {"jax": jax.__version__, "python": platform.python_version()}
+  for mod in ("jaxlib", "optax", "flax", "numpy"):
+    try:
+      versions[mod] = importlib.import_module(mod).__version__
+    except (ImportError, AttributeError):
+      versions[mod] = None
+  import lorapro_jax
+
+  pkg = os.path.dirname(os.path.abspath(lorapro_jax.__file__))
+  digest = hashlib.sha256()
+  for name in sorted(os.listdir(pkg)):
+    if name.endswith(".py"):
+      with open(os.path.join(pkg, name), "rb") as f:
+        digest.update(name.encode() + b"\0" + f.read())
+  return {
+    "git_commit": None if commit is None else commit.strip(),
+    # Modified tracked files at measurement time (the commit alone does not describe them).
+    "git_modified": None if status is None else [x[3:] for x in status.splitlines() if x],
+    "versions": versions,
+    # The library actually imported (a copy on PYTHONPATH may shadow the checkout).
+    "lorapro_jax_path": pkg,
+    "lorapro_jax_sha256": digest.hexdigest(),
   }
 
 
@@ -76,20 +118,33 @@ class Runner:
 
   ``fn(*args)`` returns ``(outputs, new_state)`` when ``state_index`` is set:
   the argument at ``state_index`` is donated and replaced by ``new_state``
-  after every call, as a real train step does. Otherwise ``fn(*args)`` returns
-  anything and all arguments are kept.
+  after every call. With ``carry`` (a tuple of argument indices), ``fn(*args)``
+  returns one new value per index, in order: those arguments are donated and
+  replaced after every call, as a train step does with its params and optimizer
+  state. Otherwise ``fn(*args)`` returns anything and all arguments are kept.
+  Donated arguments must not be shared with another runner.
   """
 
   name: str
   fn: Callable
   args: list
   state_index: int | None = None
+  carry: tuple | None = None
   compiled: Any = None
   compile_s: float = float("nan")
   times: list = dataclasses.field(default_factory=list)
 
+  def donated(self) -> tuple:
+    if self.carry is not None:
+      return tuple(self.carry)
+    return () if self.state_index is None else (self.state_index,)
+
+  def lowered(self, donate: bool = True):
+    """``jax.jit(fn, donate_argnums=...).lower(*args)`` (for the HLO of the step)."""
+    return jax.jit(self.fn, donate_argnums=self.donated() if donate else ()).lower(*self.args)
+
   def compile(self, donate: bool = True):
-    donate_argnums = (self.state_index,) if (donate and self.state_index is not None) else ()
+    donate_argnums = self.donated() if donate else ()
     t0 = time.perf_counter()
     self.compiled = (
       jax.jit(self.fn, donate_argnums=donate_argnums)
@@ -104,7 +159,10 @@ class Runner:
     out = self.compiled(*self.args)
     jax.block_until_ready(out)
     dt = time.perf_counter() - t0
-    if self.state_index is not None:
+    if self.carry is not None:
+      for i, x in zip(self.carry, out):
+        self.args[i] = x
+    elif self.state_index is not None:
       self.args[self.state_index] = out[1]
     return dt
 
