@@ -1,13 +1,10 @@
-"""Shared fixtures and helpers for the LoRA-Pro tests."""
+"""Shared fixtures for the LoRA-Pro tests (helpers are in tests/helpers.py)."""
 
 from __future__ import annotations
 
 import jax
 import numpy as np
 import pytest
-
-# Exact-theorem checks in float64 use a negligible relative damping.
-TINY_DAMPING = 1e-12
 
 
 @pytest.fixture
@@ -21,71 +18,3 @@ def x64():
 @pytest.fixture
 def rng():
   return np.random.default_rng(0)
-
-
-def random_pair(rng, m, n, r, dtype=np.float64):
-  """A full-rank pair in the paper layout: A (r, n), B (m, r), and a full g (m, n)."""
-  A = rng.standard_normal((r, n)).astype(dtype)
-  B = rng.standard_normal((m, r)).astype(dtype)
-  g = rng.standard_normal((m, n)).astype(dtype)
-  return A, B, g
-
-
-def to_layout(A, B, layout):
-  """Paper-layout factors (or their gradients) as stored in a ``layout`` tree."""
-  if layout == "flax":
-    return np.swapaxes(A, -1, -2), np.swapaxes(B, -1, -2)
-  return A, B
-
-
-from_layout = to_layout  # the transposition is its own inverse
-
-
-LAYOUTS = {
-  # layout name -> (leaf names, `pairs` argument for lorapro)
-  "flax": (("lora_a", "lora_b"), None),
-  "paper": (("lora_A", "lora_B"), "PEFT"),
-}
-
-
-def pairs_arg(layout):
-  import lorapro_jax as lpj
-
-  return None if layout == "flax" else lpj.PEFT
-
-
-def pair_tree(A, B, layout, extra=None):
-  """{'layer': {a_name: A', b_name: B'}} with A, B given in the paper layout."""
-  a_name, b_name = LAYOUTS[layout][0]
-  a, b = to_layout(A, B, layout)
-  tree = {"layer": {a_name: a, b_name: b}}
-  if extra:
-    tree.update(extra)
-  return tree
-
-
-def get_pair(tree, layout):
-  """(A, B) of ``pair_tree`` back in the paper layout, as float64 NumPy arrays."""
-  a_name, b_name = LAYOUTS[layout][0]
-  a, b = tree["layer"][a_name], tree["layer"][b_name]
-  A, B = from_layout(np.asarray(a, np.float64), np.asarray(b, np.float64), layout)
-  return A, B
-
-
-def run_lorapro(A, B, gA, gB, s, layout="flax", damping=TINY_DAMPING, **kwargs):
-  """One efficient-mode `lorapro` update of a single pair given in the paper
-  layout; returns the adjusted (g^A, g^B) in the paper layout as NumPy arrays.
-
-  The arrays keep their dtype (call inside the ``x64`` fixture for float64).
-  """
-  import jax.numpy as jnp
-
-  import lorapro_jax as lpj
-
-  params = jax.tree.map(jnp.asarray, pair_tree(A, B, layout))
-  grads = jax.tree.map(jnp.asarray, pair_tree(gA, gB, layout))
-  tx = lpj.lorapro(s, damping=damping, pairs=pairs_arg(layout), **kwargs)
-  out, _ = tx.update(grads, tx.init(params), params)
-  a_name, b_name = LAYOUTS[layout][0]
-  a, b = np.asarray(out["layer"][a_name]), np.asarray(out["layer"][b_name])
-  return from_layout(a, b, layout)

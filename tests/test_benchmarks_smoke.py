@@ -1,14 +1,8 @@
 """Smoke test of the benchmark command (tiny shapes; no timing assertions)."""
 
 import json
-import os
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)
-
-from benchmarks import run  # noqa: E402
+from benchmarks import run
 
 UPDATE_VARIANTS = {
   "adamw",

@@ -33,11 +33,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import reference as ref
 from hypothesis import HealthCheck, assume, event, example, given, settings
 from hypothesis import strategies as st
 
 import lorapro_jax as lpj
+from tests import reference as ref
 
 MAX_EXAMPLES = int(os.environ.get("LORAPRO_FUZZ_EXAMPLES", "25"))
 FUZZ = settings(

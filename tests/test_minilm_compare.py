@@ -9,16 +9,11 @@ Skipped when the all-MiniLM-L6-v2 weights package is not installed.
 """
 
 import math
-import sys
-from pathlib import Path
-
-import numpy as np
-import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for `examples.minilm`
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from examples.minilm import compare
 from examples.minilm.weights import weights_available

@@ -2,14 +2,11 @@
 
 import ast
 import math
-import sys
 import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for `examples.minilm`
 
 from examples.minilm import data as D
 

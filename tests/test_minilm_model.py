@@ -1,16 +1,11 @@
 """MiniLM Flax model and loader on a tiny random config (no checkpoint needed)."""
 
 import dataclasses
-import sys
-from pathlib import Path
-
-import numpy as np
-import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for `examples.minilm`
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 from flax import nnx
 
 from examples.minilm.model import (

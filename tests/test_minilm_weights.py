@@ -5,13 +5,10 @@ skips otherwise. The fixture is made by examples/minilm/make_reference_fixture.p
 """
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for `examples.minilm`
 
 pytest.importorskip("safetensors", reason="needs safetensors")
 pytest.importorskip("tokenizers", reason="needs tokenizers")

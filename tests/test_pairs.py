@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import reference as ref
-from conftest import TINY_DAMPING, random_pair
 
 import lorapro_jax as lpj
+from tests import reference as ref
+from tests.helpers import TINY_DAMPING, random_pair
 
 
 def _flax_pair(rng, n, r, m):

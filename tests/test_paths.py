@@ -12,10 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import reference as ref
-from conftest import random_pair, run_lorapro
 
 from lorapro_jax import batched
+from tests import reference as ref
+from tests.helpers import random_pair, run_lorapro
 
 X_CHOICES = ("sylvester", "zero", "symmetric")
 DAMPING = 1e-6

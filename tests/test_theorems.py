@@ -12,12 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import reference as ref
-from conftest import pair_tree, pairs_arg, random_pair, run_lorapro
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lorapro_jax as lpj
+from tests import reference as ref
+from tests.helpers import pair_tree, pairs_arg, random_pair, run_lorapro
 
 X_CHOICES = ("sylvester", "zero", "symmetric")
 LAYOUTS = ("flax", "paper")

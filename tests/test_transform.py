@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import reference as ref
-from conftest import TINY_DAMPING, get_pair, pair_tree, pairs_arg
 
 import lorapro_jax as lpj
+from tests import reference as ref
+from tests.helpers import TINY_DAMPING, get_pair, pair_tree, pairs_arg
 
 X_CHOICES = ("sylvester", "zero", "symmetric")
 LAYOUTS = ("flax", "paper")
