@@ -1,4 +1,4 @@
-"""The MiniLM comparison pipeline (examples/minilm/compare.py) on a tiny configuration.
+"""The MiniLM comparison (examples/minilm/compare.py and its modules) on a tiny configuration.
 
 The real checkpoint sliced to its embeddings (frozen, cached) and first layer
 (trained), a few stdlib modules, batch 4 of 16-token texts and 4 steps per
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from examples.minilm import compare
+from examples.minilm import compare, experiment, figures, report, runner
 from examples.minilm.weights import weights_available
 
 MODULES = ("email", "json", "collections", "http", "urllib", "logging", "concurrent")
@@ -25,7 +25,7 @@ MODULES = ("email", "json", "collections", "http", "urllib", "logging", "concurr
 
 
 def test_lr_schedule_warmup_then_cosine():
-  lrs = [compare.lr_at(t, 1.0, 100, 0.03) for t in range(100)]
+  lrs = [experiment.lr_at(t, 1.0, 100, 0.03) for t in range(100)]
   assert lrs[0] == pytest.approx(0.25) and lrs[2] == pytest.approx(0.75)  # 3 warmup steps
   assert lrs[3] == pytest.approx(1.0)
   assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))  # then non-increasing
@@ -33,21 +33,21 @@ def test_lr_schedule_warmup_then_cosine():
 
 
 def test_batch_order_whole_epochs_and_seeded():
-  order = compare.batch_order(10, 4, 6, seed=0)
+  order = experiment.batch_order(10, 4, 6, seed=0)
   assert order.shape == (6, 4)
   for epoch in (order[0:2], order[2:4], order[4:6]):  # 2 batches per epoch, no repeats inside
     assert len(set(epoch.ravel().tolist())) == 8
-  np.testing.assert_array_equal(order, compare.batch_order(10, 4, 6, seed=0))
-  assert not np.array_equal(order, compare.batch_order(10, 4, 6, seed=1))
+  np.testing.assert_array_equal(order, experiment.batch_order(10, 4, 6, seed=0))
+  assert not np.array_equal(order, experiment.batch_order(10, 4, 6, seed=1))
 
 
 def test_parse_args_default_and_sweep():
   cfg, _ = compare.parse_args([])
   assert cfg.seeds == (0,) and not cfg.select_on_validation
-  assert all(len(cfg.lrs[m]) == 1 for m in compare.METHODS if m != "zero_shot")
+  assert all(len(cfg.lrs[m]) == 1 for m in experiment.METHODS if m != "zero_shot")
   cfg, _ = compare.parse_args(["--full-sweep"])
   assert cfg.seeds == (0, 1, 2) and cfg.select_on_validation
-  assert cfg.lrs["lora"] == compare.SWEEP_LRS["lora"]
+  assert cfg.lrs["lora"] == experiment.SWEEP_LRS["lora"]
   cfg, _ = compare.parse_args(["--methods", "lora,full_ft", "--lrs", "1e-3", "full_ft=1e-5,1e-4"])
   assert cfg.lrs == {"lora": (1e-3,), "full_ft": (1e-5, 1e-4)}
   with pytest.raises(ValueError, match="unknown methods"):
@@ -55,7 +55,7 @@ def test_parse_args_default_and_sweep():
 
 
 def test_summarize_picks_lr_on_validation():
-  cfg = compare.Config(methods=("lora",), lrs={"lora": (1e-3, 1e-2)}, seeds=(0, 1))
+  cfg = experiment.Config(methods=("lora",), lrs={"lora": (1e-3, 1e-2)}, seeds=(0, 1))
 
   def run(lr, seed, val, test):
     m = {"recall@1": test, "recall@5": test, "mrr": test}
@@ -74,12 +74,12 @@ def test_summarize_picks_lr_on_validation():
     run(1e-2, 0, 0.9, 0.1),
     run(1e-2, 1, 0.7, 0.1),
   ]
-  (row,) = compare.summarize(runs, cfg)
+  (row,) = report.summarize(runs, cfg)
   assert row["lr"] == 1e-2 and row["mrr"] == pytest.approx((0.1, 0.0))  # test of the val-best lr
   runs[2]["metrics"] = {}  # a diverged run removes its lr from the choice
-  (row,) = compare.summarize(runs, cfg)
+  (row,) = report.summarize(runs, cfg)
   assert row["lr"] == 1e-3 and row["mrr"][0] == pytest.approx(0.5)
-  assert "LoRA" in compare.format_table([row]) and "| LoRA |" in compare.format_table(
+  assert "LoRA" in report.format_table([row]) and "| LoRA |" in report.format_table(
     [row], markdown=True
   )
 
@@ -95,8 +95,8 @@ needs_weights = pytest.mark.skipif(
 def tiny():
   pytest.importorskip("safetensors")
   pytest.importorskip("tokenizers")
-  cfg = compare.Config(
-    lrs={m: (3e-3,) for m in compare.METHODS if m != "zero_shot"},
+  cfg = experiment.Config(
+    lrs={m: (3e-3,) for m in experiment.METHODS if m != "zero_shot"},
     steps=4,
     batch=4,
     query_len=16,
@@ -110,15 +110,15 @@ def tiny():
     chunk=12,
     progress=False,
   )
-  cmp_ = compare.Comparison(cfg, log=lambda s: None)
+  cmp_ = runner.Comparison(cfg, log=lambda s: None)
   runs = cmp_.run_all()
-  return cfg, cmp_, runs, compare.summarize(runs, cfg)
+  return cfg, cmp_, runs, report.summarize(runs, cfg)
 
 
 @needs_weights
 def test_every_method_trains_and_gives_a_row(tiny):
   cfg, _, runs, rows = tiny
-  assert [r["method"] for r in rows] == list(compare.METHODS)
+  assert [r["method"] for r in rows] == list(experiment.METHODS)
   for row in rows:
     for key in ("recall@1", "recall@5", "mrr"):
       mean, std = row[key]
@@ -143,7 +143,7 @@ def test_lora_methods_start_from_the_pretrained_model(tiny):
 def test_gradient_probe_lorapro_is_closer_to_full_gradient(tiny):
   _, _, runs, _ = tiny
   for run in runs:
-    if run["method"] not in compare.LORA_METHODS:
+    if run["method"] not in experiment.LORA_METHODS:
       continue
     assert [p["step"] for p in run["probes"]] == [0, 2]
     for p in run["probes"]:
@@ -161,7 +161,7 @@ def test_probe_pairs_each_equivalent_gradient_with_its_kernel_gradient(tiny):
   at every probe; this fails if g̃ were compared with the wrong kernel."""
   _, _, runs, _ = tiny
   for run in runs:
-    if run["method"] not in compare.LORA_METHODS:
+    if run["method"] not in experiment.LORA_METHODS:
       continue
     for p in run["probes"]:
       d_adj, geq, g = (np.asarray(p[k], np.float64) for k in ("d_adj", "geq_adj_norm", "g_norm"))
@@ -185,9 +185,9 @@ def test_step_stats_show_the_lorapro_adjustment(tiny):
 @needs_weights
 def test_merged_evaluation_equals_the_lora_model(tiny):
   cfg, cmp_, _, _ = tiny
-  top = compare.make_top("rslora", cfg, cmp_.base_state, cmp_.model_cfg, seed=1)
+  top = experiment.make_top("rslora", cfg, cmp_.base_state, cmp_.model_cfg, seed=1)
   rng = np.random.default_rng(1)
-  for t in compare.LORA_TARGETS:
+  for t in experiment.LORA_TARGETS:
     lin = getattr(top.layers[0], t)
     lin.lora_b[...] = jnp.asarray(0.05 * rng.standard_normal(lin.lora_b.shape), jnp.float32)
   batch = cmp_.data["train"].batch(np.arange(cfg.batch))
@@ -203,9 +203,9 @@ def test_merged_evaluation_equals_the_lora_model(tiny):
 def test_table_and_figures(tiny, tmp_path):
   pytest.importorskip("matplotlib")
   cfg, _, runs, rows = tiny
-  text = compare.format_table(rows)
-  for label in compare.LABELS.values():
+  text = report.format_table(rows)
+  for label in experiment.LABELS.values():
     assert label in text
-  paths = compare.make_figures(runs, rows, cfg, tmp_path, compare.config_caption(cfg))
+  paths = figures.make_figures(runs, rows, cfg, tmp_path, report.config_caption(cfg))
   assert [p.name for p in paths] == ["loss_curves.png", "grad_distance.png", "update_size.png"]
   assert all(p.stat().st_size > 1000 for p in paths)

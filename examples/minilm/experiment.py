@@ -1,0 +1,333 @@
+"""The experiment of the MiniLM comparison: configuration, models, optimizers,
+train step and gradient probe.
+
+Only the top ``Config.train_layers`` encoder layers are trained (:class:`TopStack`);
+their input, the frozen prefix's hidden states, comes from ``cache.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import lorapro_jax as lpj
+from examples.minilm.data import contrastive_loss
+from examples.minilm.model import LORA_TARGETS, EncoderLayer, MiniLMConfig, lora_scale
+from lorapro_jax.pairs import normalise_path
+
+METHODS = ("zero_shot", "full_ft", "lora", "rslora", "lorapro_eff", "lorapro_full")
+LABELS = {
+  "zero_shot": "Zero-shot",
+  "full_ft": "Full FT",
+  "lora": "LoRA",
+  "rslora": "rsLoRA",
+  "lorapro_eff": "LoRA-Pro (efficient)",
+  "lorapro_full": "LoRA-Pro (full)",
+}
+LORA_METHODS = ("lora", "rslora", "lorapro_eff", "lorapro_full")
+
+# Learning-rate grids of the sweep: three values a half-decade apart per method
+# (different centres for full fine-tuning and the adapters), extended by one
+# value wherever the best validation MRR sat at an edge of the grid (full FT
+# 1e-3, rsLoRA 3e-4, LoRA-Pro full 3e-4 and 1e-4). DEFAULT_LRS is each method's
+# lr with the best validation MRR (seed 0) in that sweep; see
+# examples/minilm/RESULTS.md.
+SWEEP_LRS: dict[str, tuple[float, ...]] = {
+  "full_ft": (3e-5, 1e-4, 3e-4, 1e-3),
+  "lora": (1e-3, 3e-3, 1e-2),
+  "rslora": (3e-4, 1e-3, 3e-3, 1e-2),
+  "lorapro_eff": (1e-3, 3e-3, 1e-2),
+  "lorapro_full": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
+}
+DEFAULT_LRS: dict[str, float] = {
+  "full_ft": 3e-4,
+  "lora": 3e-3,
+  "rslora": 1e-3,
+  "lorapro_eff": 3e-3,
+  "lorapro_full": 3e-4,
+}
+
+
+@dataclasses.dataclass
+class Config:
+  """One comparison. Defaults are the CLI's default (quick) run."""
+
+  methods: tuple[str, ...] = METHODS
+  lrs: Mapping[str, tuple[float, ...]] = dataclasses.field(
+    default_factory=lambda: {m: (lr,) for m, lr in DEFAULT_LRS.items()}
+  )
+  seeds: tuple[int, ...] = (0,)
+  steps: int = 60
+  batch: int = 16
+  query_len: int = 32
+  max_len: int = 64  # documents
+  train_layers: int = 1  # top layers trained; the rest is frozen and cached
+  pretrained_layers: int | None = None  # use only the first n checkpoint layers (tests); None: all
+  rank: int = 8
+  alpha: float = 16.0
+  temperature: float = 0.05
+  weight_decay: float = 0.0
+  warmup_ratio: float = 0.03
+  eval_pairs: int = 300  # cap on validation and test pairs
+  train_pairs: int | None = None  # cap on training pairs (None: all)
+  grad_every: int = 15  # gradient-distance probe period (0: off)
+  eval_validation: bool | None = None  # None: only when some method has several lrs
+  select_seeds: tuple[int, ...] | None = (
+    None  # lr chosen on these seeds; the other seeds run the chosen lr only
+  )
+  data_seed: int = 0  # the split shuffle; run seeds vary batch order and adapter init
+  modules: tuple[str, ...] | None = None  # restrict the stdlib modules (tests)
+  chunk: int = 64  # batch size of the frozen-prefix and evaluation passes
+  progress: bool = True
+
+  def __post_init__(self):
+    unknown = set(self.methods) - set(METHODS)
+    if unknown:
+      raise ValueError(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
+    for m in self.methods:
+      if m != "zero_shot" and not self.lrs.get(m):
+        raise ValueError(f"no learning rate for method {m!r}")
+    if not self.train_layers >= 1:
+      raise ValueError("train_layers must be >= 1")
+
+  @property
+  def select_on_validation(self) -> bool:
+    if self.eval_validation is not None:
+      return self.eval_validation
+    return any(len(self.lrs.get(m, ())) > 1 for m in self.methods)
+
+
+def batch_order(n_train: int, batch: int, steps: int, seed: int) -> np.ndarray:
+  """(steps, batch) training indices: whole batches of seeded permutations, epoch after epoch."""
+  if n_train < batch:
+    raise ValueError(f"{n_train} training pairs < batch {batch}")
+  rng = np.random.default_rng([seed, 12345])
+  per_epoch = n_train // batch
+  rows = []
+  while len(rows) < steps:
+    perm = rng.permutation(n_train)[: per_epoch * batch].reshape(per_epoch, batch)
+    rows.extend(perm)
+  return np.stack(rows[:steps])
+
+
+# --------------------------------------------------------------------------- models
+
+
+class LoRAScale(nnx.Variable):
+  """The LoRA scale s as state rather than a static attribute, so that LoRA and
+  rsLoRA (and the gradient probe of every LoRA method) share one compilation."""
+
+
+class TopStack(nnx.Module):
+  """The trained top encoder layers, mean pooling and L2 normalisation.
+
+  Input: the frozen prefix's hidden states (batch, seq, hidden) and the mask.
+  ``rank=0`` gives plain linears (full fine-tuning, zero-shot, evaluation).
+  Each adapted ``LoRALinear``'s ``scale`` is a :class:`LoRAScale` variable.
+  """
+
+  def __init__(self, cfg: MiniLMConfig, n_layers: int, *, rank: int, scale: float, rngs: nnx.Rngs):
+    self.rank = rank
+    zeros = nnx.initializers.zeros_init()  # overwritten by the pretrained weights
+    self.layers = nnx.List(
+      [
+        EncoderLayer(
+          cfg, rank_for={t: rank for t in LORA_TARGETS}, scale=scale, rngs=rngs, init=zeros
+        )
+        for _ in range(n_layers)
+      ]
+    )
+    if rank > 0:
+      for layer in self.layers:
+        for t in LORA_TARGETS:
+          getattr(layer, t).scale = nnx.data(LoRAScale(jnp.asarray(scale, jnp.float32)))
+
+  def __call__(self, h: jax.Array, mask: jax.Array) -> jax.Array:
+    mask = mask.astype(bool)
+    for layer in self.layers:
+      h = layer(h, mask)
+    m = mask.astype(h.dtype)[..., None]
+    pooled = (h * m).sum(axis=1) / jnp.maximum(m.sum(axis=1), 1e-9)
+    return pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
+
+  def embed_pair(self, hq, mq, hd, md):
+    """Query and document embeddings; one pass (and one traced copy) when the shapes agree."""
+    if hq.shape == hd.shape:
+      e = self(jnp.concatenate([hq, hd]), jnp.concatenate([mq, md]))
+      return e[: hq.shape[0]], e[hq.shape[0] :]
+    return self(hq, mq), self(hd, md)
+
+
+def method_scale(method: str, cfg: Config) -> float:
+  if method == "rslora":
+    return lora_scale(cfg.rank, cfg.alpha, "rslora")
+  if method in LORA_METHODS:
+    return lora_scale(cfg.rank, cfg.alpha, "lora")
+  return 0.0
+
+
+def make_top(
+  method: str, cfg: Config, base_state: nnx.State, model_cfg: MiniLMConfig, seed: int
+) -> TopStack:
+  rank = cfg.rank if method in LORA_METHODS else 0
+  top = TopStack(
+    model_cfg, cfg.train_layers, rank=rank, scale=method_scale(method, cfg), rngs=nnx.Rngs(seed)
+  )
+  nnx.update(top, base_state)  # pretrained base weights; adapters stay as initialised (b = 0)
+  return top
+
+
+# --------------------------------------------------------------------------- optimizers
+
+
+def optimizer_kind(method: str) -> str:
+  """Methods of one kind share a compiled train step."""
+  return {"full_ft": "adamw", "lora": "adamw_lora", "rslora": "adamw_lora"}.get(method, method)
+
+
+def make_tx(method: str, scale: float, weight_decay: float) -> optax.GradientTransformation:
+  """The method's optimizer with an injected (per-step) learning rate."""
+  if method in ("full_ft", "lora", "rslora"):
+    return optax.inject_hyperparams(optax.adamw, static_args=("weight_decay",))(
+      learning_rate=0.0, weight_decay=weight_decay
+    )
+  mode = {"lorapro_eff": "efficient", "lorapro_full": "full"}[method]
+  return optax.inject_hyperparams(lpj.lorapro_adamw, static_args=("mode", "scale", "weight_decay"))(
+    learning_rate=0.0, scale=scale, mode=mode, weight_decay=weight_decay
+  )
+
+
+def lr_at(step: int, peak: float, steps: int, warmup_ratio: float) -> float:
+  """Linear warmup over ceil(warmup_ratio * steps) steps, then cosine decay to 0."""
+  warm = max(1, math.ceil(warmup_ratio * steps)) if warmup_ratio > 0 else 0
+  if step < warm:
+    return peak * (step + 1) / (warm + 1)
+  progress = (step - warm) / max(1, steps - warm)
+  return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# --------------------------------------------------------------------------- train step and probe
+
+
+def _leaves_named(tree, leaf_name: str) -> list:
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return [x for p, x in flat if normalise_path(p)[-1] == leaf_name]
+
+
+def _mean_abs(tree, leaf_name: str) -> jax.Array:
+  xs = _leaves_named(tree, leaf_name)
+  return sum(jnp.abs(x).sum() for x in xs) / max(1, sum(x.size for x in xs))
+
+
+def _norm(xs) -> jax.Array:
+  return jnp.sqrt(sum(jnp.sum(x * x) for x in xs))
+
+
+def _loss_fn(graphdef, lora: bool, temperature: float):
+  def loss_fn(params, frozen, other, batch):
+    m = nnx.merge(graphdef, params, frozen, other) if lora else nnx.merge(graphdef, params, other)
+    return contrastive_loss(*m.embed_pair(*batch), temperature)
+
+  return loss_fn
+
+
+class TrainFns:
+  """The jitted train step of one optimizer kind (see :func:`optimizer_kind`).
+
+  The graph (module structure, optimizer) is the same for every learning rate
+  and seed, and for LoRA and rsLoRA (the scale is state), so it compiles once;
+  the learning rate is a traced argument (``inject_hyperparams``).
+  """
+
+  def __init__(self, method: str, cfg: Config, template: TopStack):
+    self.lora = method in LORA_METHODS
+    if self.lora:
+      self.graphdef, _, _, _ = nnx.split(template, nnx.LoRAParam, nnx.Param, ...)
+    else:
+      self.graphdef, _, _ = nnx.split(template, nnx.Param, ...)
+    self.tx = tx = make_tx(method, method_scale(method, cfg), cfg.weight_decay)
+    loss_fn = self.loss_fn = _loss_fn(self.graphdef, self.lora, cfg.temperature)
+    lora = self.lora
+
+    @jax.jit
+    def step(params, frozen, other, opt_state, batch, lr, scale):
+      hp = dict(opt_state.hyperparams)
+      hp["learning_rate"] = jnp.asarray(lr, jnp.float32)
+      opt_state = opt_state._replace(hyperparams=hp)
+      loss, grads = jax.value_and_grad(loss_fn)(params, frozen, other, batch)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      params = optax.apply_updates(params, updates)
+      if lora:
+        stats = {"upd_a": _mean_abs(updates, "lora_a"), "upd_b": _mean_abs(updates, "lora_b")}
+        # What LoRA-Pro's efficient adjustment makes of this step's gradients
+        # (for the LoRA-Pro runs the optimizer computes the same internally).
+        adjusted, _ = lpj.lorapro(scale).update(grads, None, params)
+        for name, tag in (("lora_a", "A"), ("lora_b", "B")):
+          stats[f"g{tag}_raw_norm"] = _norm(_leaves_named(grads, name))
+          stats[f"g{tag}_adj_norm"] = _norm(_leaves_named(adjusted, name))
+      else:
+        stats = {"upd_w": _mean_abs(updates, "kernel")}
+      return params, opt_state, loss, stats
+
+    self.step = step
+    self.init_opt = jax.jit(tx.init)
+
+  def split(self, top: TopStack):
+    if self.lora:
+      _, params, frozen, other = nnx.split(top, nnx.LoRAParam, nnx.Param, ...)
+    else:
+      _, params, other = nnx.split(top, nnx.Param, ...)
+      frozen = None
+    return params, frozen, other
+
+  def merge(self, params, frozen, other) -> TopStack:
+    if self.lora:
+      return nnx.merge(self.graphdef, params, frozen, other)
+    return nnx.merge(self.graphdef, params, other)
+
+
+def make_probe(graphdef, cfg: Config):
+  """Jitted gradient probe of a LoRA model (paper Fig. 4).
+
+  One backward gives the LoRA gradients and the gradients of the frozen base
+  kernels, i.e. the full fine-tuning gradient g (in, out) at W0 + s·a·b.
+  Returns, per trained layer and target (arrays (layers, 6)): ||g||, the
+  distances ||g̃ - g|| of LoRA's equivalent gradient (``d_raw``) and of
+  LoRA-Pro's (efficient adjustment, ``d_adj``), and the norms of the raw and
+  adjusted A/B gradients.
+  """
+  loss_fn = _loss_fn(graphdef, True, cfg.temperature)
+
+  @jax.jit
+  def probe(params, frozen, other, batch, scale):
+    g_lora, g_base = jax.grad(loss_fn, argnums=(0, 1))(params, frozen, other, batch)
+    adjusted, _ = lpj.lorapro(scale).update(g_lora, None, params)
+    eq_raw = lpj.equivalent_gradients(params, g_lora, scale)
+    eq_adj = lpj.equivalent_gradients(params, adjusted, scale)
+    kernels = {}
+    for p, g in jax.tree_util.tree_flatten_with_path(g_base)[0]:
+      names = normalise_path(p)
+      if names[-2:] == ("base", "kernel"):
+        kernels[names[:-2]] = g
+    out = {k: [] for k in ("g_norm", "d_raw", "d_adj", "geq_raw_norm", "geq_adj_norm")}
+    for i in range(cfg.train_layers):
+      keys = [("layers", i, t) for t in LORA_TARGETS]
+      out["g_norm"].append(jnp.stack([jnp.linalg.norm(kernels[k]) for k in keys]))
+      out["d_raw"].append(jnp.stack([jnp.linalg.norm(eq_raw[k] - kernels[k]) for k in keys]))
+      out["d_adj"].append(jnp.stack([jnp.linalg.norm(eq_adj[k] - kernels[k]) for k in keys]))
+      out["geq_raw_norm"].append(jnp.stack([jnp.linalg.norm(eq_raw[k]) for k in keys]))
+      out["geq_adj_norm"].append(jnp.stack([jnp.linalg.norm(eq_adj[k]) for k in keys]))
+    out = {k: jnp.stack(v) for k, v in out.items()}
+    for name, tag in (("lora_a", "A"), ("lora_b", "B")):
+      out[f"g{tag}_raw_norm"] = _norm(_leaves_named(g_lora, name))
+      out[f"g{tag}_adj_norm"] = _norm(_leaves_named(adjusted, name))
+    return out
+
+  return probe

@@ -1,0 +1,193 @@
+"""Figures of the MiniLM comparison, from the runs and table rows of ``results.json``.
+
+* ``loss_curves.png``: training loss (paper Fig. 3), raw and relative to the
+  pretrained model on the same batch.
+* ``grad_distance.png``: distance and cosine of the equivalent gradients to the
+  full fine-tuning gradient (paper Fig. 4), at the probe steps.
+* ``update_size.png``: Adam's step of A and B per step, and LoRA-Pro's
+  adjustment of g^A.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from examples.minilm.experiment import LABELS, LORA_METHODS, Config
+from examples.minilm.model import LORA_TARGETS
+
+COLORS = {
+  "zero_shot": "0.5",
+  "full_ft": "k",
+  "lora": "tab:blue",
+  "rslora": "tab:cyan",
+  "lorapro_eff": "tab:orange",
+  "lorapro_full": "tab:red",
+}
+
+
+def _smooth(x: np.ndarray, w: int) -> np.ndarray:
+  if w <= 1 or len(x) < w:
+    return x
+  c = np.cumsum(np.insert(x, 0, 0.0))
+  head = c[1:w] / np.arange(1, w)
+  return np.concatenate([head, (c[w:] - c[:-w]) / w])
+
+
+def _chosen_runs(runs, rows, method):
+  row = next((r for r in rows if r["method"] == method), None)
+  if row is None:
+    return []
+  return [r for r in runs if r["method"] == method and r["lr"] == row["lr"] and r.get("losses")]
+
+
+def make_figures(
+  runs: Sequence[dict],
+  rows: Sequence[dict],
+  cfg: Config,
+  out_dir: Path,
+  caption: str,
+  prefix: str = "",
+) -> list[Path]:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  from matplotlib import ticker
+
+  out_dir.mkdir(parents=True, exist_ok=True)
+  paths = []
+  trained = [m for m in cfg.methods if m != "zero_shot"]
+
+  # (1) Training loss (paper Fig. 3): raw, and relative to the pretrained model on the same batch.
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=100)
+  w = max(1, cfg.steps // 12)
+  for m in trained:
+    rs = _chosen_runs(runs, rows, m)
+    if not rs:
+      continue
+    n = min(len(r["losses"]) for r in rs)
+    L = np.array([r["losses"][:n] for r in rs])
+    base = np.array([r["baseline_losses"][:n] for r in rs])
+    x = np.arange(n)
+    for ax, Y in ((axes[0], L), (axes[1], L - base)):
+      mean = _smooth(Y.mean(0), w)
+      ax.plot(x, Y.mean(0), color=COLORS[m], alpha=0.12, lw=0.8)
+      ax.plot(x, mean, color=COLORS[m], lw=1.8, label=f"{LABELS[m]} (lr {rs[0]['lr']:g})")
+      if len(rs) > 1 and ax is axes[1]:  # raw losses vary by batch far more than by method
+        sd = _smooth(Y.std(0), w)
+        ax.fill_between(x, mean - sd, mean + sd, color=COLORS[m], alpha=0.10)
+  axes[0].set_ylabel(f"InfoNCE training loss ({w}-step moving mean)")
+  axes[0].set_title("training loss", fontsize=10)
+  axes[1].set_ylabel("loss - pretrained model's loss on the same batch")
+  axes[1].set_title("training loss relative to zero-shot (batch difficulty removed)", fontsize=10)
+  axes[1].axhline(0.0, color="0.5", lw=0.8, ls="--")
+  for ax in axes:
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+  axes[1].legend(fontsize=8)
+  fig.suptitle(
+    "all-MiniLM-L6-v2 code search"
+    + (f", mean over {len(cfg.seeds)} seeds" if len(cfg.seeds) > 1 else ""),
+    fontsize=11,
+  )
+  fig.text(0.01, 0.01, caption, fontsize=6.5, va="bottom", wrap=True)
+  fig.tight_layout(rect=(0, 0.06, 1, 1))
+  p = out_dir / f"{prefix}loss_curves.png"
+  fig.savefig(p)
+  plt.close(fig)
+  paths.append(p)
+
+  # (2) Relative distance of equivalent gradients to the full gradient (paper Fig. 4).
+  lora_runs = {m: _chosen_runs(runs, rows, m) for m in trained if m in LORA_METHODS}
+  lora_runs = {m: rs for m, rs in lora_runs.items() if rs and rs[0]["probes"]}
+  if lora_runs:
+    fig, axes = plt.subplots(2, 6, figsize=(15, 5.4), dpi=100, sharex=True)
+    for j, t in enumerate(LORA_TARGETS):
+      for m, rs in lora_runs.items():
+        # LoRA and rsLoRA: their own equivalent gradient; LoRA-Pro runs: the adjusted one.
+        kind = "adj" if m.startswith("lorapro") else "raw"
+        steps = [p["step"] for p in rs[0]["probes"]]
+        rel, cos = [], []
+        for r in rs:
+          d = np.array([np.array(p[f"d_{kind}"])[:, j] for p in r["probes"]])  # (probes, layers)
+          e = np.array([np.array(p[f"geq_{kind}_norm"])[:, j] for p in r["probes"]])
+          g = np.array([np.array(p["g_norm"])[:, j] for p in r["probes"]])
+          rel.append((d / g).mean(1))
+          # <g̃, g> from the three norms; 0 where g̃ = 0 (LoRA at b = 0 has g̃ = s² a aᵀ g ≠ 0).
+          cos.append(((e**2 + g**2 - d**2) / (2 * np.maximum(e, 1e-30) * g)).mean(1))
+        kw = dict(
+          color=COLORS[m], lw=1.6, marker=".", ms=4, label=f"{LABELS[m]} (lr {rs[0]['lr']:g})"
+        )
+        axes[0, j].plot(steps, np.mean(rel, 0), **kw)
+        axes[1, j].plot(steps, np.mean(cos, 0), **kw)
+      axes[0, j].set_title(t, fontsize=10)
+      axes[0, j].set_yscale("log")
+      axes[0, j].yaxis.set_major_locator(
+        ticker.LogLocator(base=10, subs=(0.6, 0.8, 1.0, 1.5, 2, 3, 4, 6))
+      )
+      axes[0, j].yaxis.set_major_formatter(ticker.FormatStrFormatter("%.1f"))
+      axes[0, j].yaxis.set_minor_formatter(ticker.NullFormatter())
+      axes[1, j].set_xlabel("step")
+      for ax in axes[:, j]:
+        ax.grid(alpha=0.3, which="both")
+    axes[0, 0].set_ylabel(r"$\|\tilde g - g\|_F\, /\, \|g\|_F$")
+    axes[1, 0].set_ylabel(r"cosine$(\tilde g, g)$")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(
+      handles, labels, loc="upper center", ncol=len(labels), fontsize=8, bbox_to_anchor=(0.5, 0.955)
+    )
+    fig.suptitle(
+      "Equivalent gradient vs full fine-tuning gradient g (mean over the trained layers); "
+      "LoRA-Pro runs: their adjusted gradients",
+      fontsize=10,
+    )
+    fig.text(0.01, 0.01, caption, fontsize=6.5, va="bottom", wrap=True)
+    fig.tight_layout(rect=(0, 0.04, 1, 0.92))
+    p = out_dir / f"{prefix}grad_distance.png"
+    fig.savefig(p)
+    plt.close(fig)
+    paths.append(p)
+
+  # (3) Adam step sizes of A and B, and LoRA-Pro's gradient adjustment of A.
+  if lora_runs:
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), dpi=100)
+    panels = (
+      ("upd_a", "mean |update of A| / lr"),
+      ("upd_b", "mean |update of B| / lr"),
+      ("ratio_a", "||adjusted $g^A$|| / ||LoRA $g^A$|| (this run's gradients)"),
+    )
+    for ax, (key, title) in zip(axes, panels):
+      for m, rs in lora_runs.items():
+        st = [r["step_stats"] for r in rs]
+        n = min(len(x["upd_a"]) for x in st)
+        if key == "ratio_a":
+          ys = [
+            np.asarray(x["gA_adj_norm"][:n]) / np.maximum(np.asarray(x["gA_raw_norm"][:n]), 1e-30)
+            for x in st
+          ]
+        else:
+          ys = [x[key][:n] for x in st]
+        y = np.mean(ys, axis=0)
+        x0 = 1 if key != "upd_b" else 0  # A's first step is 0 (b = 0 gives g^A = 0)
+        ax.plot(
+          np.arange(x0, n),
+          y[x0:],
+          color=COLORS[m],
+          lw=1.4,
+          label=f"{LABELS[m]} (lr {rs[0]['lr']:g})",
+        )
+      ax.set_yscale("log")
+      ax.set_title(title, fontsize=9.5)
+      ax.set_xlabel("step")
+      ax.grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize=7)
+    fig.text(0.01, 0.01, caption, fontsize=6.5, va="bottom", wrap=True)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    p = out_dir / f"{prefix}update_size.png"
+    fig.savefig(p)
+    plt.close(fig)
+    paths.append(p)
+  return paths

@@ -1,0 +1,262 @@
+"""Report of the MiniLM comparison: lr choice and result table, merging of
+earlier ``results.json`` files, captions and the output files."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from examples.minilm.experiment import DEFAULT_LRS, LABELS, METHODS, Config
+
+
+def device_label() -> str:
+  d = jax.devices()[0]
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      for line in f:
+        if line.startswith("model name"):
+          cpu = line.split(":", 1)[1].strip()
+          break
+  except OSError:
+    pass
+  kind = getattr(d, "device_kind", d.platform)
+  if d.platform == "cpu":
+    return f"{kind} ({cpu}), {os.cpu_count()} CPU cores, jax {jax.__version__}"
+  return f"{kind} ({d.platform}), {os.cpu_count()} CPU cores, jax {jax.__version__}"
+
+
+def config_caption(cfg: Config, n_train: int | None = None) -> str:
+  return (
+    f"{device_label()}. Top {cfg.train_layers}/6 layers trained, r={cfg.rank}, alpha={cfg.alpha:g}, "
+    f"{cfg.steps} steps, batch {cfg.batch}, query/doc tokens {cfg.query_len}/{cfg.max_len}, "
+    f"AdamW wd={cfg.weight_decay:g}, warmup {cfg.warmup_ratio:g} + cosine, "
+    f"seeds {','.join(map(str, cfg.seeds))}" + (f", {n_train} train pairs" if n_train else "")
+  )
+
+
+def describe_lrs(cfg: Config) -> str:
+  """Each trained method's learning rates and how they are chosen."""
+  lines = []
+  for m in (m for m in cfg.methods if m != "zero_shot"):
+    how = "chosen on validation MRR" if cfg.select_on_validation else "given"
+    if not cfg.select_on_validation and cfg.lrs[m] == (DEFAULT_LRS.get(m),):
+      how = "pre-chosen from the validation sweep in examples/minilm/RESULTS.md"
+    lines.append(f"  {LABELS[m]:<21} lr {', '.join(f'{x:g}' for x in cfg.lrs[m])} ({how})")
+  return "\n".join(lines)
+
+
+def table_heading(cfg: Config, n_test: int) -> str:
+  seeds = f"mean ± std over seeds {list(cfg.seeds)}" if len(cfg.seeds) > 1 else ""
+  seeds = seeds or f"seed {cfg.seeds[0]}"
+  lrs = (
+    "lr chosen on validation MRR" if cfg.select_on_validation else "lr pre-chosen (one per method)"
+  )
+  return f"Test retrieval ({n_test} held-out pairs), {seeds}, {lrs}:"
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
+  xs = np.asarray(xs, np.float64)
+  return float(xs.mean()), float(xs.std(ddof=1)) if len(xs) > 1 else 0.0
+
+
+def final_loss_vs_pretrained(run: dict) -> float | None:
+  """Mean of (loss - pretrained model's loss on the same batch) over the last
+  10% of steps: the final training loss with the batch difficulty removed."""
+  losses, base = run.get("losses"), run.get("baseline_losses")
+  if not losses or not base:
+    return None
+  n = min(len(losses), len(base))
+  tail = max(1, n // 10)
+  return float(np.mean(np.asarray(losses[n - tail : n]) - np.asarray(base[n - tail : n])))
+
+
+def summarize(runs: Sequence[dict], cfg: Config) -> list[dict]:
+  """One row per method: the lr with the best mean validation MRR over the
+  selection seeds (or the only lr), then test metrics mean ± std over every
+  seed run at that lr."""
+  rows = []
+  for method in cfg.methods:
+    mruns = [r for r in runs if r["method"] == method]
+    if not mruns:
+      continue
+    lrs = sorted({r["lr"] for r in mruns}, key=lambda x: (x is None, x))
+    by_lr = {lr: [r for r in mruns if r["lr"] == lr] for lr in lrs}
+    sweep = {}
+    for lr, rs in by_lr.items():
+      # The choice uses the selection seeds only (all seeds when none are set).
+      rs = [
+        r
+        for r in rs
+        if cfg.select_seeds is None or r["seed"] is None or r["seed"] in cfg.select_seeds
+      ]
+      ok = [r for r in rs if r["metrics"]]
+      val = [r["metrics"]["validation"]["mrr"] for r in ok if "validation" in r["metrics"]]
+      sweep[lr] = {
+        "val_mrr": _mean_std(val)[0] if val else None,
+        "test_mrr": _mean_std([r["metrics"]["test"]["mrr"] for r in ok])[0] if ok else None,
+        "final_train_loss": (
+          _mean_std([r["final_train_loss"] for r in ok])[0]
+          if ok and ok[0].get("final_train_loss") is not None
+          else None
+        ),
+        "seeds": [r["seed"] for r in rs],
+        "diverged": len(rs) - len(ok),
+      }
+    candidates = [lr for lr in lrs if sweep[lr]["diverged"] == 0] or lrs
+    if len(candidates) > 1 and all(sweep[lr]["val_mrr"] is not None for lr in candidates):
+      best = max(candidates, key=lambda lr: sweep[lr]["val_mrr"])
+    else:
+      best = candidates[0]
+    chosen = [r for r in by_lr[best] if r["metrics"]]
+    row = {
+      "method": method,
+      "label": LABELS[method],
+      "lr": best,
+      "n_seeds": len(chosen),
+      "sweep": {str(k): v for k, v in sweep.items()},
+      "trainable_params": mruns[0]["trainable_params"],
+    }
+    for key in ("recall@1", "recall@5", "mrr"):
+      row[key] = _mean_std([r["metrics"]["test"][key] for r in chosen]) if chosen else None
+      if chosen and "validation" in chosen[0]["metrics"]:
+        row["val_" + key] = _mean_std([r["metrics"]["validation"][key] for r in chosen])
+    losses = [r["final_train_loss"] for r in chosen if r.get("final_train_loss") is not None]
+    row["final_train_loss"] = _mean_std(losses) if losses else None
+    deltas = [d for d in map(final_loss_vs_pretrained, chosen) if d is not None]
+    row["final_loss_vs_pretrained"] = _mean_std(deltas) if deltas else None
+    rows.append(row)
+  return rows
+
+
+def format_table(rows: Sequence[dict], markdown: bool = False) -> str:
+  def cell(ms, pct=True, digits=1):
+    if ms is None:
+      return "—"
+    m, s = ms
+    f = 100.0 if pct else 1.0
+    txt = f"{m * f:.{digits}f}"
+    return txt + (f" ± {s * f:.{digits}f}" if s else "")
+
+  head = [
+    "Method",
+    "R@1 (%)",
+    "R@5 (%)",
+    "MRR (%)",
+    "final train loss",
+    "vs zero-shot",
+    "lr",
+    "trainable params",
+    "seeds",
+  ]
+  body = []
+  for r in rows:
+    body.append(
+      [
+        r["label"],
+        cell(r["recall@1"]),
+        cell(r["recall@5"]),
+        cell(r["mrr"]),
+        cell(r["final_train_loss"], pct=False, digits=3),
+        cell(r.get("final_loss_vs_pretrained"), pct=False, digits=3),
+        "—" if r["lr"] is None else f"{r['lr']:g}",
+        f"{r['trainable_params']:,}" if r["trainable_params"] else "0",
+        str(r["n_seeds"]) if r["lr"] is not None else "—",
+      ]
+    )
+  if markdown:
+    lines = [
+      "| " + " | ".join(head) + " |",
+      "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|",
+    ]
+    lines += ["| " + " | ".join(b) + " |" for b in body]
+    return "\n".join(lines)
+  widths = [max(len(x[i]) for x in [head] + body) for i in range(len(head))]
+  fmt = lambda xs: "  ".join(
+    x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(xs, widths))
+  )
+  return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(b) for b in body])
+
+
+# --------------------------------------------------------------------------- results files
+
+
+def config_dict(cfg: Config) -> dict[str, Any]:
+  """``cfg`` as JSON-ready values (the inverse of :func:`config_from_json`)."""
+  return {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+def config_from_json(d: Mapping[str, Any]) -> Config:
+  """The Config stored in a results.json."""
+  fields = {f.name for f in dataclasses.fields(Config)}
+  kw = {k: v for k, v in d.items() if k in fields}
+  for k in ("methods", "seeds", "select_seeds", "modules"):
+    if kw.get(k) is not None:
+      kw[k] = tuple(kw[k])
+  kw["lrs"] = {m: tuple(v) for m, v in kw.get("lrs", {}).items()}
+  return Config(**kw)
+
+
+def merge_results(paths: Sequence[str | Path]) -> tuple[Config, dict, list[dict]]:
+  """Runs of several results.json (one zero-shot run kept) and a Config covering them all;
+  the lr choice uses the first file's selection seeds."""
+  loaded = [json.loads(Path(p).read_text()) for p in paths]
+  cfgs = [config_from_json(r["config"]) for r in loaded]
+  runs, seen_zero = [], False
+  for r in loaded:
+    for run in r["runs"]:
+      if run["method"] == "zero_shot":
+        if seen_zero:
+          continue
+        seen_zero = True
+      runs.append(run)
+  methods = tuple(m for m in METHODS if any(m in c.methods for c in cfgs))
+  lrs = {
+    m: tuple(sorted({run["lr"] for run in runs if run["method"] == m}))
+    for m in methods
+    if m != "zero_shot"
+  }
+  seeds = tuple(sorted({run["seed"] for run in runs if run["seed"] is not None}))
+  cfg = dataclasses.replace(cfgs[0], methods=methods, lrs=lrs, seeds=seeds)
+  return cfg, loaded[0], runs
+
+
+def merged_results(paths: Sequence[str | Path]) -> tuple[Config, dict[str, Any]]:
+  """:func:`merge_results` with its rows and caption, as a results.json."""
+  cfg, first, runs = merge_results(paths)
+  caption = first.get("caption", config_caption(cfg)).split(", seeds ")[0]
+  caption += f", seeds {','.join(map(str, cfg.seeds))} (merged runs)"
+  results = {"config": config_dict(cfg), "device": first.get("device"), "caption": caption}
+  results |= {"merged_from": [str(p) for p in paths], "runs": runs, "rows": summarize(runs, cfg)}
+  return cfg, results
+
+
+def write_json(out: Path, results: Mapping[str, Any]) -> None:
+  (out / "results.json").write_text(json.dumps(results, indent=1, default=float))
+
+
+def write_table_and_figures(
+  results: dict[str, Any], cfg: Config, out: Path, fig_dir: Path | None, fig_prefix: str = ""
+) -> None:
+  """``table.md`` and, unless ``fig_dir`` is None, the figures (listed in ``results``)."""
+  caption = results["caption"]
+  (out / "table.md").write_text(
+    format_table(results["rows"], markdown=True) + "\n\n" + caption + "\n"
+  )
+  if fig_dir is not None:
+    from examples.minilm.figures import make_figures
+
+    paths = make_figures(results["runs"], results["rows"], cfg, fig_dir, caption, fig_prefix)
+    results["figures"] = [str(p) for p in paths]
+    print("figures: " + ", ".join(map(str, paths)))

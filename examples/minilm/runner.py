@@ -1,0 +1,310 @@
+"""The runner of the MiniLM comparison: trains and evaluates every (method, lr, seed)."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from examples.minilm.cache import Encoded, encode_pairs, make_prefix_fn, progress_bar
+from examples.minilm.data import build_splits, contrastive_loss, evaluate_retrieval
+from examples.minilm.experiment import (
+  LABELS,
+  Config,
+  TopStack,
+  TrainFns,
+  batch_order,
+  lr_at,
+  make_probe,
+  make_top,
+  method_scale,
+  optimizer_kind,
+)
+from examples.minilm.model import LORA_TARGETS
+from examples.minilm.report import summarize
+from examples.minilm.weights import load_pretrained
+
+
+class Comparison:
+  """Loads the model and data once, then trains and evaluates every run."""
+
+  def __init__(self, cfg: Config, log: Callable[[str], None] = print):
+    self.cfg = cfg
+    self.log = log
+    self.timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    full = load_pretrained(rank=0)
+    self.model_cfg = full.config
+    n_layers = cfg.pretrained_layers or self.model_cfg.num_layers
+    if not cfg.train_layers <= n_layers <= self.model_cfg.num_layers:
+      raise ValueError(
+        f"need train_layers {cfg.train_layers} <= layers used {n_layers} "
+        f"<= {self.model_cfg.num_layers}"
+      )
+    self.n_layers = n_layers
+    self.n_frozen = n_layers - cfg.train_layers
+    self.timings["load_model_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    caps = {"train": cfg.train_pairs, "validation": cfg.eval_pairs, "test": cfg.eval_pairs}
+    self.splits = build_splits(seed=cfg.data_seed, max_pairs=caps, modules=cfg.modules)
+    self.timings["build_data_s"] = time.perf_counter() - t0
+
+    # Pretrained weights of the trained layers, as a TopStack state.
+    src = TopStack(self.model_cfg, cfg.train_layers, rank=0, scale=0.0, rngs=nnx.Rngs(0))
+    for dst, layer in zip(src.layers, full.layers[self.n_frozen : n_layers]):
+      nnx.update(dst, nnx.state(layer, nnx.Param))
+    self.base_state = nnx.state(src, nnx.Param)  # never mutated: src is not used again
+    self.eval_template = TopStack(
+      self.model_cfg, cfg.train_layers, rank=0, scale=0.0, rngs=nnx.Rngs(0)
+    )
+    self.eval_graphdef, _ = nnx.split(self.eval_template)
+
+    t0 = time.perf_counter()
+    needed = ["train", "test"] + (["validation"] if cfg.select_on_validation else [])
+    self.data: dict[str, Encoded] = {}
+    prefix_fn = make_prefix_fn(full, self.n_frozen)
+    for name in needed:
+      pairs = self.splits[name]
+      if name == "train":
+        used = np.unique(
+          np.concatenate(
+            [batch_order(len(pairs), cfg.batch, cfg.steps, s).ravel() for s in cfg.seeds]
+          )
+        )
+        self.train_index = used
+        pairs = [pairs[i] for i in used]
+      self.data[name] = encode_pairs(
+        prefix_fn, pairs, cfg.query_len, cfg.max_len, cfg.chunk, cfg.progress, name
+      )
+    # Map original train indices to rows of the (possibly partial) cache.
+    self.train_row = np.full(len(self.splits.train), -1, np.int64)
+    self.train_row[self.train_index] = np.arange(len(self.train_index))
+    self.timings["frozen_prefix_s"] = time.perf_counter() - t0
+    del full
+
+    @jax.jit
+    def embed(state, h, mask):
+      return nnx.merge(self.eval_graphdef, state)(h, mask)
+
+    self._embed = embed
+    self._fns: dict[str, TrainFns] = {}
+    self._probe = None
+    self._baseline: dict[int, list[float]] = {}
+    self._baseline_fn = None
+
+  def describe(self) -> str:
+    """The data, the frozen prefix and the setup times."""
+    s = self.splits
+    return (
+      f"data: {len(s.train)} train / {len(s.validation)} validation / {len(s.test)} test pairs; "
+      f"frozen prefix: embeddings + {self.n_frozen} layers, cached for {len(self.train_index)} "
+      "train pairs\nsetup: " + ", ".join(f"{k} {v:.1f}" for k, v in self.timings.items())
+    )
+
+  # ----------------------------------------------------------------- evaluation
+
+  def merged_eval_state(self, top: TopStack | None) -> nnx.State:
+    """The trained layers with LoRA merged (W0 + s·a·b), as a rank-0 TopStack state."""
+    ev = self.eval_template
+    nnx.update(ev, self.base_state)
+    if top is None:
+      return nnx.state(ev)
+    nnx.update(ev, nnx.state(top, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))))
+    if top.rank > 0:
+      for dst, layer in zip(ev.layers, top.layers):
+        for t in LORA_TARGETS:
+          lin = getattr(layer, t)
+          delta = lin.scale[...] * (lin.lora_a[...] @ lin.lora_b[...])
+          getattr(dst, t).base.kernel[...] = lin.base.kernel[...] + delta
+    return nnx.state(ev)
+
+  def embed_split(self, state, enc: Encoded) -> tuple[np.ndarray, np.ndarray]:
+    c = self.cfg.chunk
+    outs = []
+    for h, m in ((enc.hq, enc.mq), (enc.hd, enc.md)):
+      parts = []
+      for s in range(0, len(h), c):
+        hh, mm = h[s : s + c], m[s : s + c]
+        n = len(hh)
+        if n < c:  # pad to one shape
+          hh = np.concatenate([hh, np.zeros((c - n,) + hh.shape[1:], hh.dtype)])
+          mm = np.concatenate([mm, np.zeros((c - n,) + mm.shape[1:], mm.dtype)])
+        parts.append(np.asarray(self._embed(state, jnp.asarray(hh), jnp.asarray(mm)))[:n])
+      outs.append(np.concatenate(parts))
+    return outs[0], outs[1]
+
+  def evaluate(self, top: TopStack | None) -> dict[str, dict[str, float]]:
+    state = self.merged_eval_state(top)
+    out = {}
+    for name in ("validation", "test"):
+      if name in self.data:
+        q, d = self.embed_split(state, self.data[name])
+        out[name] = evaluate_retrieval(q, d)
+    return out
+
+  def baseline_losses(self, seed: int) -> list[float]:
+    """The pretrained model's loss on each training batch of ``seed`` (cached).
+
+    Every method sees the same batches, so the per-batch difficulty cancels
+    in ``loss - baseline``: the loss figure plots that next to the raw loss.
+    """
+    if seed not in self._baseline:
+      cfg = self.cfg
+      state = self.merged_eval_state(None)
+      graphdef, temperature = self.eval_graphdef, cfg.temperature
+
+      if self._baseline_fn is None:
+
+        @jax.jit
+        def f(state, batch):
+          return contrastive_loss(*nnx.merge(graphdef, state).embed_pair(*batch), temperature)
+
+        self._baseline_fn = f
+      order = batch_order(len(self.splits.train), cfg.batch, cfg.steps, seed)
+      enc = self.data["train"]
+      self._baseline[seed] = [
+        float(self._baseline_fn(state, enc.batch(self.train_row[idx])))
+        for idx in progress_bar(
+          order,
+          desc=f"pretrained loss per batch, seed {seed}",
+          leave=False,
+          disable=not cfg.progress,
+          mininterval=1.0,
+        )
+      ]
+    return self._baseline[seed]
+
+  # ----------------------------------------------------------------- training
+
+  def fns(self, method: str, top: TopStack) -> TrainFns:
+    kind = optimizer_kind(method)
+    if kind not in self._fns:
+      self._fns[kind] = TrainFns(method, self.cfg, top)
+    return self._fns[kind]
+
+  def probe(self, fns: TrainFns):
+    if self._probe is None:
+      self._probe = make_probe(fns.graphdef, self.cfg)
+    return self._probe
+
+  def train(self, method: str, lr: float, seed: int) -> dict[str, Any]:
+    cfg = self.cfg
+    t_start = time.perf_counter()
+    top = make_top(method, cfg, self.base_state, self.model_cfg, seed)
+    fns = self.fns(method, top)
+    scale = jnp.asarray(method_scale(method, cfg), jnp.float32)
+    params, frozen, other = fns.split(top)
+    opt_state = fns.init_opt(params)
+    order = batch_order(len(self.splits.train), cfg.batch, cfg.steps, seed)
+    enc = self.data["train"]
+    losses, lrs, stats_hist, probes = [], [], [], []
+    t_first = None
+    bar = progress_bar(
+      range(cfg.steps),
+      desc=f"{method} lr={lr:g} seed={seed}",
+      leave=False,
+      disable=not cfg.progress,
+      mininterval=1.0,
+    )
+    for step in bar:
+      batch = enc.batch(self.train_row[order[step]])
+      if fns.lora and cfg.grad_every and step % cfg.grad_every == 0:
+        pr = jax.device_get(self.probe(fns)(params, frozen, other, batch, scale))
+        probes.append({"step": step, **{k: np.asarray(v).tolist() for k, v in pr.items()}})
+      lr_t = lr_at(step, lr, cfg.steps, cfg.warmup_ratio)
+      params, opt_state, loss, stats = fns.step(
+        params, frozen, other, opt_state, batch, lr_t, scale
+      )
+      loss = float(loss)
+      if t_first is None:
+        t_first = time.perf_counter() - t_start
+      if not math.isfinite(loss):
+        self.log(f"  {method} lr={lr:g} seed={seed}: non-finite loss at step {step}; stopping")
+        losses.append(loss)
+        break
+      losses.append(loss)
+      lrs.append(lr_t)
+      stats_hist.append(
+        {k: float(v) / lr_t if k.startswith("upd") else float(v) for k, v in stats.items()}
+      )
+      if hasattr(bar, "set_postfix") and step % 5 == 0:
+        bar.set_postfix(loss=f"{loss:.3f}")
+    t_train = time.perf_counter() - t_start
+    top = fns.merge(params, frozen, other)
+    t0 = time.perf_counter()
+    metrics = self.evaluate(top) if all(map(math.isfinite, losses)) else {}
+    n_tail = max(1, len(losses) // 10)
+    return {
+      "method": method,
+      "lr": lr,
+      "seed": seed,
+      "metrics": metrics,
+      "final_train_loss": float(np.mean(losses[-n_tail:])),
+      "initial_train_loss": losses[0],
+      "losses": losses,
+      "lrs": lrs,
+      "step_stats": {k: [s[k] for s in stats_hist] for k in (stats_hist[0] if stats_hist else {})},
+      "baseline_losses": self.baseline_losses(seed)[: len(losses)],
+      "probes": probes,
+      "trainable_params": int(sum(x.size for x in jax.tree.leaves(params))),
+      "time_first_step_s": t_first,
+      "time_train_s": t_train,
+      "time_eval_s": time.perf_counter() - t0,
+    }
+
+  def run_all(self, on_run: Callable[[dict], None] | None = None) -> list[dict]:
+    cfg = self.cfg
+    runs = []
+    if "zero_shot" in cfg.methods:
+      t0 = time.perf_counter()
+      metrics = self.evaluate(None)
+      runs.append(
+        {
+          "method": "zero_shot",
+          "lr": None,
+          "seed": None,
+          "metrics": metrics,
+          "final_train_loss": None,
+          "trainable_params": 0,
+          "time_eval_s": time.perf_counter() - t0,
+        }
+      )
+      if on_run:
+        on_run(runs[-1])
+
+    def one(method, lr, seed):
+      run = self.train(method, lr, seed)
+      runs.append(run)
+      m = run["metrics"].get("test", {})
+      v = run["metrics"].get("validation", {})
+      self.log(
+        f"  {LABELS[method]:<21} lr={lr:<7g} seed={seed} loss {run['initial_train_loss']:.3f}"
+        f" -> {run['final_train_loss']:.3f}  test R@1 {m.get('recall@1', float('nan')):.3f}"
+        f" MRR {m.get('mrr', float('nan')):.3f}"
+        + (f"  val MRR {v['mrr']:.3f}" if v else "")
+        + f"  ({run['time_train_s']:.0f} s train, first step {run['time_first_step_s']:.0f} s)"
+      )
+      if on_run:
+        on_run(run)
+
+    trained = [m for m in cfg.methods if m != "zero_shot"]
+    stage1 = cfg.select_seeds if cfg.select_seeds is not None else cfg.seeds
+    for seed in stage1:
+      for method in trained:
+        for lr in cfg.lrs[method]:
+          one(method, lr, seed)
+    rest = [s for s in cfg.seeds if s not in stage1]
+    if rest:  # stage 2: the other seeds at each method's chosen lr only
+      best = {r["method"]: r["lr"] for r in summarize(runs, cfg)}
+      self.log("  chosen lrs: " + ", ".join(f"{LABELS[m]} {best[m]:g}" for m in trained))
+      for seed in rest:
+        for method in trained:
+          one(method, best[method], seed)
+    return runs
