@@ -25,11 +25,16 @@ MODULES = ("email", "json", "collections", "http", "urllib", "logging", "concurr
 
 
 def test_lr_schedule_warmup_then_cosine():
-  lrs = [experiment.lr_at(t, 1.0, 100, 0.03) for t in range(100)]
+  lrs = experiment.lr_values(1.0, 100, 0.03)
   assert lrs[0] == pytest.approx(0.25) and lrs[2] == pytest.approx(0.75)  # 3 warmup steps
   assert lrs[3] == pytest.approx(1.0)
   assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))  # then non-increasing
   assert 0 < lrs[-1] < 1e-3
+  # Evaluated in float64: the last (smallest) value is exact, not float32's.
+  assert lrs[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 96 / 97)), rel=1e-12)
+  schedule = experiment.lr_schedule(1.0, 100, 0.03)  # the optax schedule itself, float32
+  want = [lrs[t] for t in (0, 2, 3, 50)]
+  np.testing.assert_allclose([float(schedule(t)) for t in (0, 2, 3, 50)], want, rtol=1e-6)
 
 
 def test_batch_order_whole_epochs_and_seeded():

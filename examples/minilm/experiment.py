@@ -204,13 +204,30 @@ def make_tx(method: str, scale: float, weight_decay: float) -> optax.GradientTra
   )
 
 
-def lr_at(step: int, peak: float, steps: int, warmup_ratio: float) -> float:
-  """Linear warmup over ceil(warmup_ratio * steps) steps, then cosine decay to 0."""
+def lr_schedule(peak: float, steps: int, warmup_ratio: float) -> optax.Schedule:
+  """Linear warmup from ``peak / (w + 1)`` to ``peak`` over ``w = ceil(warmup_ratio * steps)``
+  steps (at least one unless ``warmup_ratio`` is 0), then cosine decay to 0 at step ``steps``."""
   warm = max(1, math.ceil(warmup_ratio * steps)) if warmup_ratio > 0 else 0
-  if step < warm:
-    return peak * (step + 1) / (warm + 1)
-  progress = (step - warm) / max(1, steps - warm)
-  return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+  return optax.warmup_cosine_decay_schedule(
+    init_value=peak / (warm + 1),
+    peak_value=peak,
+    warmup_steps=warm,
+    decay_steps=max(steps, warm + 1),
+  )
+
+
+def lr_values(peak: float, steps: int, warmup_ratio: float) -> list[float]:
+  """:func:`lr_schedule` at steps 0 .. steps - 1, evaluated in float64.
+
+  The train step receives each value as an argument, so one compilation serves every lr.
+  """
+  # float64 as in the runs of RESULTS.md: in float32 the schedule's late values
+  # move by up to 1e-4 (relative), which would change every run's results.
+  enable_x64 = getattr(jax, "enable_x64", None)  # jax >= 0.8; jax.experimental before
+  if enable_x64 is None:
+    from jax.experimental import enable_x64
+  with enable_x64(True):
+    return np.asarray(lr_schedule(peak, steps, warmup_ratio)(np.arange(steps))).tolist()
 
 
 # --------------------------------------------------------------------------- train step and probe

@@ -20,7 +20,7 @@ from examples.minilm.experiment import (
   TopStack,
   TrainFns,
   batch_order,
-  lr_at,
+  lr_values,
   make_probe,
   make_top,
   method_scale,
@@ -204,6 +204,7 @@ class Comparison:
     opt_state = fns.init_opt(params)
     order = batch_order(len(self.splits.train), cfg.batch, cfg.steps, seed)
     enc = self.data["train"]
+    schedule = lr_values(lr, cfg.steps, cfg.warmup_ratio)
     losses, lrs, stats_hist, probes = [], [], [], []
     t_first = None
     bar = progress_bar(
@@ -218,7 +219,7 @@ class Comparison:
       if fns.lora and cfg.grad_every and step % cfg.grad_every == 0:
         pr = jax.device_get(self.probe(fns)(params, frozen, other, batch, scale))
         probes.append({"step": step, **{k: np.asarray(v).tolist() for k, v in pr.items()}})
-      lr_t = lr_at(step, lr, cfg.steps, cfg.warmup_ratio)
+      lr_t = schedule[step]
       params, opt_state, loss, stats = fns.step(
         params, frozen, other, opt_state, batch, lr_t, scale
       )
