@@ -1,57 +1,129 @@
-"""Where the efficient-mode update's time goes (finding F6 in benchmarks/README.md).
+"""Where the efficient-mode train step's time goes (findings F6 and F9 in benchmarks/README.md).
 
     python -m benchmarks.breakdown                 # Llama-2-7B shapes, 2 layers, r = 8
-    python -m benchmarks.breakdown --layers 1 --rank 16
+    python -m benchmarks.breakdown --layers 8 --rank 16
 
-Times, interleaved in one run, each step of `lorapro_jax`'s raw path on its own,
-as the fraction of `optax.adamw`'s update on the same LoRA leaves:
+Every arm is a donated train step (params and optimizer state donated and fed back,
+``optax.apply_updates`` applied, AdamW with the same weight decay), timed interleaved
+in one run, so each arm's increment over ``adamw`` is what that component costs in
+the step users run:
 
-  grams        the four r×r products per pair (AAᵀ, BᵀB, g^A·Aᵀ, Bᵀ·g^B)
-  grams+amax   the same plus max|g| of both gradients (the finite-output bound)
-  outs+adamw   the two K = r output products per leaf, fed to AdamW (random r×r
-               coefficients: the values do not change the time)
-  lorapro      `lorapro()` alone, and chained with AdamW as users run it
+  adamw          optax.adamw on the LoRA gradients (the floor)
+  grams          + the four r×r products per pair (AAᵀ, BᵀB, g^A·Aᵀ, Bᵀ·g^B), returned
+  grams+amax     + max|g| of both gradients (the bound behind the finite-output check)
+  outs-fused     AdamW on the K = r output products g^A = g_lora^A·M1ᵀ + A·M2ᵀ,
+                 g^B = M3ᵀ·g_lora^B - M4ᵀ·B (random r×r coefficients: the values do
+                 not change the time), written as r broadcast multiply-adds, as
+                 `lorapro_jax` does at r <= 16, and left to XLA to fuse into AdamW
+  outs-barrier   the same, materialised once (``jax.lax.optimization_barrier``), as
+                 the library's ``lax.cond`` does
+  lorapro        chain(lorapro(), adamw), the library as users run it
 
-(outs+adamw) - adamw is what the output products cost when XLA fuses them into
-AdamW; grams + amax + that is the adjustment's cost apart from its r×r work.
+The components are written here with plain ``jnp`` (they are the library's raw-path
+products at the commit this was written against), so the breakdown does not depend
+on the library's internals. With ``--passes`` it also prints each arm's memory
+traffic counted from its compiled HLO (`benchmarks.hlo_traffic`), in passes over
+arrays the size of the LoRA parameters.
 """
 
 from __future__ import annotations
 
 import argparse
+import warnings
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 import lorapro_jax as lpj
-from benchmarks import models, timing
-from lorapro_jax import layout as lo
+from benchmarks import hlo_traffic, models, timing
+from benchmarks.train_step import LR, SCALE, WD
+
+# The finite-output bound needs max|g| of both gradients of every pair.
 
 
-def _pairs(params, grads):
-  """(A, B, g_A, g_B) per pair in the flax layout, with a unit batch axis."""
+def _pairs(tree):
+  """(A, B) leaves, or (g_A, g_B), of every pair in the flax layout."""
+  return [
+    (tree["layers"][l][k]["lora_a"], tree["layers"][l][k]["lora_b"])
+    for l in tree["layers"]
+    for k in tree["layers"][l]
+  ]
+
+
+def _grams(params, grads, with_amax):
   out = []
-  for name in params["layers"]:
-    for lin in params["layers"][name]:
-      p, g = params["layers"][name][lin], grads["layers"][name][lin]
-      out.append(tuple(x[None] for x in (p["lora_a"], p["lora_b"], g["lora_a"], g["lora_b"])))
-  return out
-
-
-def _grams(pairs, with_amax):
-  out = []
-  for a, b, ga, gb in pairs:
+  for (a, b), (ga, gb) in zip(_pairs(params), _pairs(grads)):
     prods = (
-      lo.gram_A("flax", a, a),
-      lo.gram_B("flax", b, b),
-      lo.gram_A("flax", ga, a),
-      lo.gram_B("flax", b, gb),
+      jnp.einsum("nr,ns->rs", a, a),
+      jnp.einsum("rm,sm->rs", b, b),
+      jnp.einsum("nr,ns->rs", ga, a),
+      jnp.einsum("rm,sm->rs", b, gb),
     )
     if with_amax:
       prods += (jnp.max(jnp.abs(ga)), jnp.max(jnp.abs(gb)))
     out.append(prods)
   return out
+
+
+def _left(M, X):
+  """M·X for the flax layout X (n, r): out[n, i] = Σ_s X[n, s]·M[i, s], unrolled over s."""
+  r = M.shape[-1]
+  return sum((X[:, s, None] * M[None, :, s] for s in range(1, r)), X[:, 0, None] * M[None, :, 0])
+
+
+def _right(X, M):
+  """X·M for the flax layout X (r, m): out[i, m] = Σ_s M[s, i]·X[s, m], unrolled over s."""
+  r = M.shape[-1]
+  return sum((M[s, :, None] * X[s, None, :] for s in range(1, r)), M[0, :, None] * X[0, None, :])
+
+
+def _outputs(params, grads, coef, barrier):
+  leaves = []
+  for (a, b), (ga, gb) in zip(_pairs(params), _pairs(grads)):
+    leaves.append(_left(coef[0], ga) + _left(coef[1], a))
+    leaves.append(_right(gb, coef[2]) - _right(b, coef[3]))
+  if barrier:
+    leaves = jax.lax.optimization_barrier(leaves)
+  it = iter(leaves)
+  return jax.tree.map(lambda _: next(it), grads)  # pairs are leaves in tree order
+
+
+def arms(rank):
+  coef = jnp.asarray(0.1 * np.random.default_rng(0).standard_normal((4, rank, rank)), jnp.float32)
+  adamw = optax.adamw(LR, weight_decay=WD)
+
+  def plain(extra=None):
+    def step(params, state, grads):
+      extras = None if extra is None else extra(params, grads)
+      updates, state = adamw.update(grads, state, params)
+      return optax.apply_updates(params, updates), state, extras
+
+    return step
+
+  def outs(barrier):
+    def step(params, state, grads):
+      g = _outputs(params, grads, coef, barrier)
+      updates, state = adamw.update(g, state, params)
+      return optax.apply_updates(params, updates), state, None
+
+    return step
+
+  chained = optax.chain(lpj.lorapro(SCALE), adamw)
+
+  def library(params, state, grads):
+    updates, state = chained.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, None
+
+  return {
+    "adamw": (plain(), adamw),
+    "grams": (plain(lambda p, g: _grams(p, g, False)), adamw),
+    "grams+amax": (plain(lambda p, g: _grams(p, g, True)), adamw),
+    "outs-fused": (outs(False), adamw),
+    "outs-barrier": (outs(True), adamw),
+    "lorapro": (library, chained),
+  }
 
 
 def main(argv=None):
@@ -60,47 +132,35 @@ def main(argv=None):
   ap.add_argument("--layers", type=int, default=2)
   ap.add_argument("--rank", type=int, default=8)
   ap.add_argument("--target-s", type=float, default=1.5)
-  ap.add_argument("--rounds", type=int, default=5)
+  ap.add_argument("--rounds", type=int, default=7)
+  ap.add_argument("--passes", action="store_true", help="also count HLO memory traffic")
   args = ap.parse_args(argv)
+  warnings.filterwarnings("ignore", message=".*[Dd]onat.*")
 
-  params, grads = models.lora_tree(models.MODELS[args.model], args.layers, args.rank)
-  pairs = _pairs(params, grads)
-  coef = jnp.asarray(
-    0.1 * np.random.default_rng(0).standard_normal((4, 1, args.rank, args.rank)), jnp.float32
-  )
-  adamw = optax.adamw(1e-4)
-  flat = [x[0] for a, b, _, _ in pairs for x in (a, b)]
-
-  def outs_adamw(pairs, state, params):
-    g = []
-    for a, b, ga, gb in pairs:
-      g.append((lo.left("flax", coef[0], ga) + lo.left("flax", coef[1], a))[0])
-      g.append((lo.right("flax", gb, coef[2]) - lo.right("flax", b, coef[3]))[0])
-    return adamw.update(g, state, params)
-
-  def update(tx):
-    return lambda g, s, p: tx.update(g, s, p)
-
-  lp, lp_adamw = lpj.lorapro(2.0), optax.chain(lpj.lorapro(2.0), optax.adamw(1e-4))
-  runners = [
-    timing.Runner("adamw", update(adamw), [grads, adamw.init(params), params], state_index=1),
-    timing.Runner("grams", lambda p: _grams(p, False), [pairs]),
-    timing.Runner("grams+amax", lambda p: _grams(p, True), [pairs]),
-    timing.Runner("outs+adamw", outs_adamw, [pairs, adamw.init(flat), flat], state_index=1),
-    timing.Runner("lorapro", update(lp), [grads, lp.init(params), params], state_index=1),
-    timing.Runner(
-      "lorapro+adamw", update(lp_adamw), [grads, lp_adamw.init(params), params], state_index=1
-    ),
-  ]
-  for r in runners:
-    r.compile()
+  params, grads = models.lora_tree(models.MODELS[args.model], args.layers, args.rank, seed=1)
+  runners = []
+  for name, (step, tx) in arms(args.rank).items():
+    p = jax.tree.map(jnp.copy, params)
+    runners.append(timing.Runner(name, step, [p, tx.init(p), grads], carry=(0, 1)))
+  passes = {}
+  for rn in runners:
+    rn.compile()
+    if args.passes:
+      text = rn.compiled.as_text()
+      passes[rn.name] = hlo_traffic.passes(text, timing.tree_bytes(params))
   res = timing.measure(runners, rounds=args.rounds, target_s=args.target_s)
   base = res["adamw"]["median_ms"]
+  n_pairs = len(_pairs(params))
   print(
-    f"{args.model} L{args.layers} r{args.rank}, {len(pairs)} pairs, {timing.device_info()['label']}"
+    f"{args.model} L{args.layers} r{args.rank}, {n_pairs} pairs, donated train steps, "
+    f"{timing.device_info()['label']}"
   )
   for name, v in res.items():
-    print(f"  {name:14s} {v['median_ms']:8.2f} ms  {v['median_ms'] / base:5.2f}x adamw")
+    line = f"  {name:14s} {v['median_ms']:8.2f} ms  {v['median_ms'] / base:5.2f}x adamw"
+    if name in passes:
+      line += f"  {passes[name]['passes']:5.1f} passes, {passes[name]['kernels']} kernels"
+    print(line)
+  return res, passes
 
 
 if __name__ == "__main__":

@@ -5,10 +5,12 @@
     python -m benchmarks.run --smoke    # tiny shapes, seconds (used by the tests)
 
 Sections (``--sections``, default all):
-  update   optimizer update time on real LoRA shapes (Llama-2-7B, BERT-base,
-           MiniLM): optax.adamw on the LoRA leaves (floor), chain(lorapro(x),
-           adamw) for each x_choice, full mode and dense AdamW on the same m×n
-           weights, with ratios from the same interleaved measurement.
+  update   train-step time on real LoRA shapes (Llama-2-7B, BERT-base, MiniLM):
+           jit(step, donate params and state), step = tx.update + apply_updates,
+           with the same weight decay in every arm: optax.adamw on the LoRA
+           leaves (floor), chain(lorapro(x), adamw) for each x_choice, full mode
+           (lorapro_adamw(mode='full')) and dense AdamW on the same m×n weights,
+           with ratios from the same interleaved measurement.
   scaling  batched engine vs a per-layer loop against #adapters and rank.
   memory   optimizer-state bytes and XLA peak temporaries of the whole
            Llama-2-7B (compile only, nothing allocated).
@@ -32,35 +34,40 @@ import jax.numpy as jnp
 import optax
 
 import lorapro_jax as lpj
-from benchmarks import loop_baseline, models, timing
+from benchmarks import loop_baseline, models, timing, train_step
+from benchmarks.train_step import LR, SCALE, WD
 
 X_CHOICES = ("sylvester", "zero", "symmetric")
-SCALE = 2.0  # LoRA's alpha / r with alpha = 2r; any constant, timing does not depend on it
 
 # ---------------------------------------------------------------------------
-# optimizers under test
+# optimizers under test. Every arm does the same work apart from the method: the
+# same learning rate, the same weight decay WD (AdamW's decoupled decay; full mode's
+# Eq. (57)-(58) decay of A and B, which decays s·B·A like a dense weight), and
+# apply_updates, timed as the donated train step `benchmarks.train_step.train_step`.
+
+
+def adamw_tx():
+  return optax.adamw(LR, weight_decay=WD)
 
 
 def efficient_tx(x):
-  return optax.chain(lpj.lorapro(SCALE, x_choice=x), optax.adamw(1e-4))
+  return optax.chain(lpj.lorapro(SCALE, x_choice=x), adamw_tx())
 
 
 def full_tx(moment_dtype=jnp.float32):
-  return optax.chain(
-    lpj.lorapro(SCALE, mode="full", moment_dtype=moment_dtype), optax.scale_by_learning_rate(1e-4)
-  )
+  return lpj.lorapro_adamw(LR, scale=SCALE, mode="full", weight_decay=WD, moment_dtype=moment_dtype)
 
 
 def lora_variants(full: bool, x_choices=X_CHOICES, bf16: bool = True):
   """name -> (optimizer, which tree it runs on: 'lora' or 'dense')."""
-  v = {"adamw": (optax.adamw(1e-4), "lora")}
+  v = {"adamw": (adamw_tx(), "lora")}
   for x in x_choices:
     v[f"lorapro-{x}+adamw"] = (efficient_tx(x), "lora")
   if full:
     v["lorapro-full"] = (full_tx(jnp.float32), "lora")
     if bf16:
       v["lorapro-full-bf16"] = (full_tx(jnp.bfloat16), "lora")
-    v["dense-adamw"] = (optax.adamw(1e-4), "dense")
+    v["dense-adamw"] = (adamw_tx(), "dense")
   return v
 
 
@@ -69,22 +76,15 @@ def lora_variants(full: bool, x_choices=X_CHOICES, bf16: bool = True):
 _COMPILED_MEMORY = {}
 
 
-def _update_fn(tx):
-  def f(grads, state, params):
-    return tx.update(grads, state, params)
-
-  return f
-
-
 # ---------------------------------------------------------------------------
 # section 1 (and the measured part of 3): update time on real shapes
 
 
 def bench_update_config(
-  model_name, layers, r, *, full, target_s, rounds, log, x_choices=X_CHOICES, bf16=True
+  model_name, layers, r, *, full, target_s, rounds, log, x_choices=X_CHOICES, bf16=True, suffix=""
 ):
   model = models.MODELS[model_name]
-  cfg = f"{model_name} L{layers}/{model.total_layers} r{r}"
+  cfg = f"{model_name} L{layers}/{model.total_layers} r{r}{suffix}"
   log(f"[update] {cfg}: building parameters")
   p, g = models.lora_tree(model, layers, r, seed=1)
   trees = {"lora": (p, g)}
@@ -93,9 +93,12 @@ def bench_update_config(
   runners, meta = [], {}
   for name, (tx, which) in lora_variants(full, x_choices, bf16).items():
     pp, gg = trees[which]
-    state = tx.init(pp)
-    meta[name] = {"state_bytes": timing.tree_bytes(state), "param_bytes": timing.tree_bytes(pp)}
-    runners.append(timing.Runner(name, _update_fn(tx), [gg, state, pp], state_index=1).compile())
+    runners.append(train_step.runner(name, tx, pp, gg))  # its own donated params and state
+    meta[name] = {
+      "state_bytes": timing.tree_bytes(runners[-1].args[1]),
+      "param_bytes": timing.tree_bytes(pp),
+    }
+    runners[-1].compile()
     log(f"[update] {cfg}: compiled {name} in {runners[-1].compile_s:.1f}s")
     _COMPILED_MEMORY[(model_name, layers, r, name)] = (
       meta[name]["state_bytes"],
@@ -115,6 +118,7 @@ def bench_update_config(
         "total_layers": model.total_layers,
         "rank": r,
         "variant": rn.name,
+        "timed": "train step (update + apply_updates, params and state donated)",
         "adapters": layers * len(model.linears),
         **res[rn.name],
         "compile_s": rn.compile_s,
@@ -267,17 +271,18 @@ def bench_memory(model_name, layers, compile_layers, r, log):
   the per-layer figure is also reported.
   """
   model = models.MODELS[model_name]
+  step = lambda tx: jax.jit(train_step.train_step(tx), donate_argnums=(0, 1))
   p, _g = models.abstract_lora_tree(model, layers, r)
   dp, _dg = models.abstract_dense_tree(model, layers)
   cp, cg = models.abstract_lora_tree(model, compile_layers, r)
   cdp, cdg = models.abstract_dense_tree(model, compile_layers)
   rows = []
   variants = {
-    "adamw": (optax.adamw(1e-4), "lora"),
+    "adamw": (adamw_tx(), "lora"),
     "lorapro-sylvester+adamw": (efficient_tx("sylvester"), "lora"),
     "lorapro-full": (full_tx(jnp.float32), "lora"),
     "lorapro-full-bf16": (full_tx(jnp.bfloat16), "lora"),
-    "dense-adamw": (optax.adamw(1e-4), "dense"),
+    "dense-adamw": (adamw_tx(), "dense"),
   }
   for name, (tx, which) in variants.items():
     pp, (cpp, cgg) = (p, (cp, cg)) if which == "lora" else (dp, (cdp, cdg))
@@ -287,11 +292,7 @@ def bench_memory(model_name, layers, compile_layers, r, log):
       stats, dt = cached[2], cached[3]
     else:
       t0 = time.perf_counter()
-      compiled = (
-        jax.jit(_update_fn(tx), donate_argnums=(1,))
-        .lower(cgg, jax.eval_shape(tx.init, cpp), cpp)
-        .compile()
-      )
+      compiled = step(tx).lower(cpp, jax.eval_shape(tx.init, cpp), cgg).compile()
       dt = time.perf_counter() - t0
       stats = timing.memory_stats(compiled)
       del compiled
@@ -393,11 +394,18 @@ def _mib(b):
 
 
 def format_tables(result) -> str:
-  lines = [f"device: {result['device']['label']}; jax {result['device']['jax']}", ""]
+  prov = result.get("provenance") or {}
+  lines = [
+    f"device: {result['device']['label']}; jax {result['device']['jax']}; "
+    f"commit {prov.get('git_commit')}"
+    + (f" (modified: {', '.join(prov['git_modified'])})" if prov.get("git_modified") else ""),
+    "",
+  ]
   ups = result.get("update", [])
   if ups:
     lines.append(
-      "== 1. optimizer update time (jitted, median of interleaved runs; state donated) =="
+      "== 1. train step: update + apply_updates, jitted, params and state donated, same weight "
+      f"decay ({WD:g}) in every arm; median of interleaved runs =="
     )
     lines.append(
       f"{'config':<24} {'variant':<26} {'median ms':>10} {'p25-p75 ms':>16} "
@@ -456,7 +464,7 @@ def format_tables(result) -> str:
     cl = mem[0]["compile_layers"]
     lines.append(
       f"== 3. memory, {mem[0]['config']}: exact optimizer-state bytes (eval_shape); "
-      f"XLA temporaries of the update compiled at L{cl} =="
+      f"XLA temporaries of the train step compiled at L{cl} =="
     )
     lines.append(
       f"{'variant':<26} {'params MiB':>11} {'state MiB':>11} {'x adamw':>8} "
@@ -511,8 +519,21 @@ def parse_args(argv=None):
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
   ap.add_argument("--sections", default="update,scaling,memory,e2e")
-  ap.add_argument("--layers", type=int, default=2, help="Llama-2-7B layers timed (of 32)")
-  ap.add_argument("--ranks", type=_ints, default=[8, 32, 128], help="ranks on Llama-2-7B shapes")
+  ap.add_argument(
+    "--layers",
+    type=_ints,
+    default=[1, 2, 8],
+    help="Llama-2-7B layer counts (of 32) timed at r = 8: adamw vs lorapro+adamw",
+  )
+  ap.add_argument(
+    "--ranks", type=_ints, default=[8, 32, 128], help="ranks timed on Llama-2-7B shapes"
+  )
+  ap.add_argument(
+    "--rank-layers",
+    type=int,
+    default=2,
+    help="Llama-2-7B layers for the --ranks sweep and for every x_choice at r = 8",
+  )
   ap.add_argument(
     "--full-llama-layers",
     type=int,
@@ -566,12 +587,12 @@ def parse_args(argv=None):
   ap.add_argument("--no-plot", action="store_true")
   args = ap.parse_args(argv)
   if args.quick:
-    args.layers, args.ranks, args.full_llama_layers = 1, [8, 128], 0
+    args.layers, args.ranks, args.rank_layers, args.full_llama_layers = [1, 2], [8], 2, 0
     args.small_models = "minilm:6"
     args.adapters, args.scaling_ranks = [8, 64, 256], [4, 32, 128]
     args.target_s, args.rounds = 0.5, 3
   if args.smoke:
-    args.layers, args.ranks, args.full_llama_layers = 0, [], 0
+    args.layers, args.ranks, args.full_llama_layers = [], [], 0
     args.small_models, args.small_rank = "tiny:1", 4
     args.adapters, args.adapter_dim, args.adapter_rank = [2], 16, 2
     args.scaling_ranks, args.rank_dim, args.rank_adapters = [2], 16, 2  # reuses the point above
@@ -609,6 +630,7 @@ def main(argv=None):
   )
   result = {
     "device": timing.device_info(),
+    "provenance": timing.provenance(),
     "settings": {k: v for k, v in vars(args).items()},
     "update": [],
     "ratios": [],
@@ -620,10 +642,16 @@ def main(argv=None):
   if "update" in args.sections:
     # (model, layers, rank, full mode?, x_choices, bf16 moments?)
     configs = []
-    if args.layers > 0:
-      configs += [("llama2-7b", args.layers, r, False, X_CHOICES, False) for r in args.ranks]
+    # (Llama-2-7B at r = 8 and each of --layers; every x_choice at --rank-layers; other
+    # ranks at --rank-layers with the default x_choice; full mode vs dense AdamW on its own.)
+    for nl in args.layers:
+      xs = X_CHOICES if nl == args.rank_layers else ("sylvester",)
+      configs.append(("llama2-7b", nl, 8, False, xs, False, ""))
+    for r in args.ranks:
+      if r != 8 or args.rank_layers not in args.layers:
+        configs.append(("llama2-7b", args.rank_layers, r, False, ("sylvester",), False, ""))
     if args.full_llama_layers > 0:
-      configs.append(("llama2-7b", args.full_llama_layers, 8, True, ("sylvester",), True))
+      configs.append(("llama2-7b", args.full_llama_layers, 8, True, (), True, " full"))
     for spec in [m for m in args.small_models.split(",") if m]:
       name, _, nl = spec.partition(":")
       small_x = X_CHOICES if args.smoke else ("sylvester",)
@@ -635,9 +663,10 @@ def main(argv=None):
           True,
           small_x,
           args.smoke,
+          "",
         )
       )
-    for model_name, layers, r, full, xs, bf16 in configs:
+    for model_name, layers, r, full, xs, bf16, suffix in configs:
       rows, ratios = bench_update_config(
         model_name,
         layers,
@@ -648,6 +677,7 @@ def main(argv=None):
         log=log,
         x_choices=xs,
         bf16=bf16,
+        suffix=suffix,
       )
       result["update"] += rows
       result["ratios"] += ratios
