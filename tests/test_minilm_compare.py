@@ -174,17 +174,21 @@ def test_probe_pairs_each_equivalent_gradient_with_its_kernel_gradient(tiny):
 
 
 @needs_weights
-def test_step_stats_show_the_lorapro_adjustment(tiny):
+def test_step_and_probe_stats_show_the_lorapro_adjustment(tiny):
   _, _, runs, _ = tiny
   for run in runs[1:]:  # runs[0] is zero-shot
     st = run["step_stats"]
     if run["method"] == "full_ft":
       assert set(st) == {"upd_w"} and all(x > 0 for x in st["upd_w"])
       continue
-    assert len(st["upd_a"]) == len(run["losses"])
+    # The train step reports update sizes only; gradient statistics come from the probe.
+    assert set(st) == {"upd_a", "upd_b"} and len(st["upd_a"]) == len(run["losses"])
     # b = 0 at step 0: g^A = 0, so A does not move on the first step; B does.
-    assert st["gA_raw_norm"][0] == 0.0 and st["upd_a"][0] == 0.0 and st["upd_b"][0] > 0
+    p0, p2 = run["probes"]
+    assert p0["gA_raw_norm"] == 0.0 and st["upd_a"][0] == 0.0 and st["upd_b"][0] > 0
     assert st["upd_a"][1] > 0
+    # Once b != 0, LoRA-Pro's adjustment rescales g^A (by (s² BᵀB)⁻¹).
+    assert p2["gA_raw_norm"] > 0 and p2["gA_adj_norm"] != pytest.approx(p2["gA_raw_norm"], rel=1e-2)
 
 
 @needs_weights

@@ -260,7 +260,9 @@ class TrainFns:
 
   The graph (module structure, optimizer) is the same for every learning rate
   and seed, and for LoRA and rsLoRA (the scale is state), so it compiles once;
-  the learning rate is a traced argument (``inject_hyperparams``).
+  the learning rate is a traced argument (``inject_hyperparams``). ``step``
+  returns the new parameters and optimizer state, the loss and the mean
+  absolute update of A and B (``upd_a``, ``upd_b``) or of the kernels (``upd_w``).
   """
 
   def __init__(self, method: str, cfg: Config, template: TopStack):
@@ -274,21 +276,17 @@ class TrainFns:
     lora = self.lora
 
     @jax.jit
-    def step(params, frozen, other, opt_state, batch, lr, scale):
+    def step(params, frozen, other, opt_state, batch, lr):
       hp = dict(opt_state.hyperparams)
       hp["learning_rate"] = jnp.asarray(lr, jnp.float32)
       opt_state = opt_state._replace(hyperparams=hp)
       loss, grads = jax.value_and_grad(loss_fn)(params, frozen, other, batch)
       updates, opt_state = tx.update(grads, opt_state, params)
       params = optax.apply_updates(params, updates)
+      # Mean |update| only: gradient statistics come from the probe, so that the
+      # step does the method's work alone and its timing is the method's.
       if lora:
         stats = {"upd_a": _mean_abs(updates, "lora_a"), "upd_b": _mean_abs(updates, "lora_b")}
-        # What LoRA-Pro's efficient adjustment makes of this step's gradients
-        # (for the LoRA-Pro runs the optimizer computes the same internally).
-        adjusted, _ = lpj.lorapro(scale).update(grads, None, params)
-        for name, tag in (("lora_a", "A"), ("lora_b", "B")):
-          stats[f"g{tag}_raw_norm"] = _norm(_leaves_named(grads, name))
-          stats[f"g{tag}_adj_norm"] = _norm(_leaves_named(adjusted, name))
       else:
         stats = {"upd_w": _mean_abs(updates, "kernel")}
       return params, opt_state, loss, stats
@@ -317,8 +315,11 @@ def make_probe(graphdef, cfg: Config):
   kernels, i.e. the full fine-tuning gradient g (in, out) at W0 + s·a·b.
   Returns, per trained layer and target (arrays (layers, 6)): ||g||, the
   distances ||g̃ - g|| of LoRA's equivalent gradient (``d_raw``) and of
-  LoRA-Pro's (efficient adjustment, ``d_adj``), and the norms of the raw and
-  adjusted A/B gradients.
+  LoRA-Pro's (efficient adjustment, ``d_adj``) and their norms
+  (``geq_raw_norm``, ``geq_adj_norm``); and the norms of the run's A and B
+  gradients over all layers and of their LoRA-Pro adjustment (``gA_raw_norm``,
+  ``gA_adj_norm``, ``gB_raw_norm``, ``gB_adj_norm``), for every LoRA method
+  (for the LoRA-Pro runs the optimizer computes the same adjustment internally).
   """
   loss_fn = _loss_fn(graphdef, True, cfg.temperature)
 

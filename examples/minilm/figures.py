@@ -4,8 +4,8 @@
   pretrained model on the same batch.
 * ``grad_distance.png``: distance and cosine of the equivalent gradients to the
   full fine-tuning gradient (paper Fig. 4), at the probe steps.
-* ``update_size.png``: Adam's step of A and B per step, and LoRA-Pro's
-  adjustment of g^A.
+* ``update_size.png``: Adam's step of A and B at every step, and LoRA-Pro's
+  adjustment of g^A at the probe steps (every ``--grad-every`` steps).
 """
 
 from __future__ import annotations
@@ -151,34 +151,29 @@ def make_figures(
     plt.close(fig)
     paths.append(p)
 
-  # (3) Adam step sizes of A and B, and LoRA-Pro's gradient adjustment of A.
+  # (3) Adam step sizes of A and B (every step), LoRA-Pro's adjustment of g^A (probe steps).
   if lora_runs:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), dpi=100)
-    panels = (
-      ("upd_a", "mean |update of A| / lr"),
-      ("upd_b", "mean |update of B| / lr"),
-      ("ratio_a", "||adjusted $g^A$|| / ||LoRA $g^A$|| (this run's gradients)"),
+    titles = (
+      "mean |update of A| / lr",
+      "mean |update of B| / lr",
+      "||adjusted $g^A$|| / ||LoRA $g^A$||\n(this run's gradients, at the probe steps)",
     )
-    for ax, (key, title) in zip(axes, panels):
-      for m, rs in lora_runs.items():
-        st = [r["step_stats"] for r in rs]
-        n = min(len(x["upd_a"]) for x in st)
-        if key == "ratio_a":
-          ys = [
-            np.asarray(x["gA_adj_norm"][:n]) / np.maximum(np.asarray(x["gA_raw_norm"][:n]), 1e-30)
-            for x in st
-          ]
-        else:
-          ys = [x[key][:n] for x in st]
-        y = np.mean(ys, axis=0)
-        x0 = 1 if key != "upd_b" else 0  # A's first step is 0 (b = 0 gives g^A = 0)
-        ax.plot(
-          np.arange(x0, n),
-          y[x0:],
-          color=COLORS[m],
-          lw=1.4,
-          label=f"{LABELS[m]} (lr {rs[0]['lr']:g})",
-        )
+    for m, rs in lora_runs.items():
+      kw = dict(color=COLORS[m], lw=1.4, label=f"{LABELS[m]} (lr {rs[0]['lr']:g})")
+      for ax, key in zip(axes, ("upd_a", "upd_b")):
+        n = min(len(r["step_stats"][key]) for r in rs)
+        y = np.mean([r["step_stats"][key][:n] for r in rs], axis=0)
+        x0 = 1 if key == "upd_a" else 0  # A's first step is 0 (b = 0 gives g^A = 0)
+        ax.plot(np.arange(x0, n), y[x0:], **kw)
+      n = min(len(r["probes"]) for r in rs)
+      steps = np.array([p["step"] for p in rs[0]["probes"][:n]])
+      ratio = [
+        [p["gA_adj_norm"] / max(p["gA_raw_norm"], 1e-30) for p in r["probes"][:n]] for r in rs
+      ]
+      keep = steps > 0  # g^A = 0 at step 0
+      axes[2].plot(steps[keep], np.mean(ratio, axis=0)[keep], marker=".", ms=4, **kw)
+    for ax, title in zip(axes, titles):
       ax.set_yscale("log")
       ax.set_title(title, fontsize=9.5)
       ax.set_xlabel("step")

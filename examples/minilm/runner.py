@@ -220,9 +220,7 @@ class Comparison:
         pr = jax.device_get(self.probe(fns)(params, frozen, other, batch, scale))
         probes.append({"step": step, **{k: np.asarray(v).tolist() for k, v in pr.items()}})
       lr_t = schedule[step]
-      params, opt_state, loss, stats = fns.step(
-        params, frozen, other, opt_state, batch, lr_t, scale
-      )
+      params, opt_state, loss, stats = fns.step(params, frozen, other, opt_state, batch, lr_t)
       loss = float(loss)
       if t_first is None:
         t_first = time.perf_counter() - t_start
@@ -232,9 +230,7 @@ class Comparison:
         break
       losses.append(loss)
       lrs.append(lr_t)
-      stats_hist.append(
-        {k: float(v) / lr_t if k.startswith("upd") else float(v) for k, v in stats.items()}
-      )
+      stats_hist.append({k: float(v) / lr_t for k, v in stats.items()})  # update size per unit lr
       if hasattr(bar, "set_postfix") and step % 5 == 0:
         bar.set_postfix(loss=f"{loss:.3f}")
     t_train = time.perf_counter() - t_start
