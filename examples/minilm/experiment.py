@@ -223,7 +223,7 @@ def lr_values(peak: float, steps: int, warmup_ratio: float) -> list[float]:
   """
   # float64 as in the runs of RESULTS.md: in float32 the schedule's late values
   # move by up to 1e-4 (relative), which would change every run's results.
-  enable_x64 = getattr(jax, "enable_x64", None)  # jax >= 0.8; jax.experimental before
+  enable_x64 = getattr(jax, "enable_x64", None)  # older jax: only jax.experimental.enable_x64
   if enable_x64 is None:
     from jax.experimental import enable_x64
   with enable_x64(True):

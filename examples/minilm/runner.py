@@ -195,6 +195,8 @@ class Comparison:
     return self._probe
 
   def train(self, method: str, lr: float, seed: int) -> dict[str, Any]:
+    """One run: losses, lrs and update sizes (``step_stats``) at every step, the
+    gradient probe (LoRA methods) every ``grad_every`` steps, metrics and times."""
     cfg = self.cfg
     t_start = time.perf_counter()
     top = make_top(method, cfg, self.base_state, self.model_cfg, seed)
