@@ -3,14 +3,13 @@
 This is how the published PyTorch LoRA-Pro optimizer works: a Python loop over
 the adapted layers, each pair adjusted by its own small kernels. Here every
 pair is one jitted call (compiled once per shape, so the loop pays dispatch,
-not compilation) built from the single-pair functions of
-``lorapro_jax.equations``, so the batched engine and these baselines compute
-the same quantities and differ only in how the work is issued.
+not compilation). The math is written out here with plain ``jnp`` (Theorem 2.1
+with the Sylvester X of Theorem 2.3, the damped inverses of `lorapro_jax`), so
+the baseline does not depend on the library's internals:
 
-* ``variant="factored"``: Theorem 2.1 as the batched engine's raw path computes
-  it (``equations.coefficients`` on the products of ``lorapro_jax.layout``),
-  O((m + n)·r²) per pair, without the engine's fallback checks (which only
-  make the loop look better).
+* ``variant="factored"``: Theorem 2.1 as r×r coefficients on the raw factors,
+  O((m + n)·r²) per pair, like the batched engine's raw path, without its
+  fallback checks (which only make the loop look better).
 * ``variant="projector"``: like the published code, forms the m×m projector
   I - B(BᵀB)⁻¹Bᵀ and multiplies g_lora^B by it, O(m²·r) time and m² memory.
 
@@ -26,48 +25,55 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from lorapro_jax import equations as eq
-from lorapro_jax import layout as lo
-from lorapro_jax import pairs as pairs_lib
+
+def _damped_eigh(G, damping):
+  """G + δ·(tr G / r)·I = Q diag(w) Qᵀ (an all-zero G gets w = max: its inverse is 0)."""
+  w, Q = jnp.linalg.eigh(G)
+  w = jnp.maximum(w, 0)
+  mean = jnp.mean(w)
+  return jnp.where(mean > 0, w + damping * mean, jnp.finfo(w.dtype).max), Q
+
+
+def _inverse(w, Q):
+  return (Q / w[None, :]) @ Q.T
 
 
 def adjust_one(a, b, ga, gb, s, *, damping, x_choice, projector):
-  """One pair in the flax layout: a (n, r), b (r, m) and their gradients."""
-  if projector:
-    return _adjust_projector(a, b, ga, gb, s, damping=damping, x_choice=x_choice)
-  A, B, gA, gB = (x[None] for x in (a, b, ga, gb))  # a batch of one, flax layout
-  G_A, G_B = lo.gram_A("flax", A, A)[0], lo.gram_B("flax", B, B)[0]
-  C_A, C_B = lo.gram_A("flax", gA, A)[0], lo.gram_B("flax", B, gB)[0]
-  M1, M2, M3, M4 = (
-    M[None]
-    for M in eq.coefficients(
-      G_A, G_B, C_A, C_B, s, eq.damped_eigh(G_A, damping), eq.damped_eigh(G_B, damping), x_choice
-    )
-  )
-  g_A = lo.left("flax", M1, gA) + lo.left("flax", M2, A)
-  g_B = lo.right("flax", gB, M3) - lo.right("flax", B, M4)
-  return g_A[0], g_B[0]
-
-
-def _adjust_projector(a, b, ga, gb, s, *, damping, x_choice):
+  """One pair in the flax layout: a = Aᵀ (n, r), b = Bᵀ (r, m) and their gradients."""
   A, B, gA, gB = a.T, b.T, ga.T, gb.T  # the paper's A (r, n), B (m, r)
-  An, Bn = eq.normalise(A), eq.normalise(B)
-  eig_B = eq.damped_eigh(eq.gram_B(Bn.hat), damping)
-  eig_A = eq.damped_eigh(eq.gram_A(An.hat), damping)
-  GBi, GAi = eq.inverse(eig_B), eq.inverse(eig_A)
-  if x_choice == "sylvester":
-    C = eq.sylvester_rhs(gA, An, Bn, GBi, s)
-    Y = eq.solve_sylvester(C, eig_B, eig_A, (Bn.scale / An.scale) ** 2)
+  G_A, G_B = A @ A.T, B.T @ B
+  (w_A, Q_A), (w_B, Q_B) = _damped_eigh(G_A, damping), _damped_eigh(G_B, damping)
+  G_A_inv, G_B_inv = _inverse(w_A, Q_A), _inverse(w_B, Q_B)
+  M1, M3 = G_B_inv / s**2, G_A_inv / s**2
+  if x_choice == "sylvester":  # Eq. (15): G_B X + X G_A = -M1 g_lora^A Aᵀ, diagonalised
+    C = -(M1 @ (gA @ A.T))
+    X = Q_B @ ((Q_B.T @ C @ Q_A) / (w_B[:, None] + w_A[None, :])) @ Q_A.T
   elif x_choice == "symmetric":
-    Y = eq.x_symmetric(gB, An, Bn, GAi, GBi, s)
+    X = -(M1 @ (B.T @ gB) @ G_A_inv) / 2
   else:
-    Y = jnp.zeros_like(GAi)
-  al, be = An.scale, Bn.scale
-  m = B.shape[0]
-  g_A = ((GBi @ (gA / be)) / s**2 + Y @ An.hat) / be
-  P = jnp.eye(m, dtype=B.dtype) - Bn.hat @ GBi @ Bn.hat.T  # m×m, as published
-  g_B = ((P @ (gB / al)) @ GAi / s**2 - Bn.hat @ Y) / al
+    X = jnp.zeros_like(G_A)
+  g_A = M1 @ gA + X @ A  # Eq. (8)
+  if projector:  # Eq. (10) as published: the m×m projector
+    P = jnp.eye(B.shape[0], dtype=B.dtype) - B @ G_B_inv @ B.T
+    g_B = P @ gB @ M3 - B @ X
+  else:  # the projector multiplied out: r×r coefficients only
+    g_B = gB @ M3 - B @ (M1 @ (B.T @ gB) @ G_A_inv + X)
   return g_A.T.astype(ga.dtype), g_B.T.astype(gb.dtype)
+
+
+def _pair_paths(tree, prefix=()):
+  """Paths of the dicts holding a ``lora_a``/``lora_b`` pair (the trees of `models`)."""
+  if isinstance(tree, dict):
+    if "lora_a" in tree and "lora_b" in tree:
+      return [prefix]
+    return [p for k in tree for p in _pair_paths(tree[k], prefix + (k,))]
+  return []
+
+
+def _get(tree, path):
+  for k in path:
+    tree = tree[k]
+  return tree
 
 
 class LoopLoraPro:
@@ -76,12 +82,11 @@ class LoopLoraPro:
   def __init__(
     self, params, grads, scale, *, variant="factored", x_choice="sylvester", damping=1e-6
   ):
-    self.found = pairs_lib.find_pairs(params)
-    for f in self.found:
-      if f.layout != "flax" or f.batch_shape:
+    self.paths = _pair_paths(params)
+    for path in self.paths:
+      if jnp.ndim(_get(params, path)["lora_a"]) != 2:
         raise ValueError("the loop baseline takes unstacked flax-layout pairs")
-    self.p_leaves = jax.tree.leaves(params)
-    self.g_leaves, self.treedef = jax.tree.flatten(grads)
+    self.params, self.grads = params, grads
     self.scale = jnp.asarray(scale, jnp.float32)
     self.fn = jax.jit(
       functools.partial(
@@ -90,10 +95,8 @@ class LoopLoraPro:
     )
 
   def step(self):
-    out = list(self.g_leaves)
-    p, g = self.p_leaves, self.g_leaves
-    for f in self.found:
-      out[f.a_index], out[f.b_index] = self.fn(
-        p[f.a_index], p[f.b_index], g[f.a_index], g[f.b_index], self.scale
-      )
-    return jax.tree.unflatten(self.treedef, out)
+    out = []
+    for path in self.paths:
+      p, g = _get(self.params, path), _get(self.grads, path)
+      out.append(self.fn(p["lora_a"], p["lora_b"], g["lora_a"], g["lora_b"], self.scale))
+    return out

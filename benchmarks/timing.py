@@ -73,7 +73,8 @@ def provenance() -> dict:
       with open(os.path.join(pkg, name), "rb") as f:
         digest.update(name.encode() + b"\0" + f.read())
   return {
-    "git_commit": None if commit is None else commit.strip(),
+    # Without git (a copy of the tree, e.g. on a device machine): LORAPRO_GIT_COMMIT.
+    "git_commit": commit.strip() if commit else os.environ.get("LORAPRO_GIT_COMMIT"),
     # Modified tracked files at measurement time (the commit alone does not describe them).
     "git_modified": None if status is None else [x[3:] for x in status.splitlines() if x],
     "versions": versions,
