@@ -136,22 +136,6 @@ def make_batch(key, teacher, batch_size):
   return x, y
 
 
-def state_shardings(tx, lora, mode, mesh):
-  """Shardings of ``tx.init(lora)``: moments like the params (efficient mode)
-  or like the adapted weights (full mode); counts etc. replicated."""
-  moments = (
-    lpj.full_moment_shardings(lora) if mode == "full" else jax.tree.map(lambda x: x.sharding, lora)
-  )
-  return optax.tree.map_params(
-    tx,
-    lambda _, s: s,
-    jax.eval_shape(tx.init, lora),
-    moments,
-    transform_non_params=lambda _: NamedSharding(mesh, P()),
-    is_leaf=lambda x: isinstance(x, lpj.PairedSlot),
-  )
-
-
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--mode", choices=("efficient", "full"), default="full")
@@ -176,7 +160,9 @@ def main(argv=None):
   tx = lpj.lorapro_adamw(
     optax.cosine_decay_schedule(args.lr, args.steps), scale=SCALE, mode=args.mode, weight_decay=1e-4
   )
-  opt_sh = state_shardings(tx, lora, args.mode, mesh)
+  # Moments like the params (Adam) or like the adapted weights (full mode's pair
+  # moments); counts replicated.
+  opt_sh = lpj.state_shardings(tx, lora)
   opt_state = jax.jit(tx.init, out_shardings=opt_sh)(lora)
 
   def train_step(lora, opt_state, frozen, batch):
@@ -209,7 +195,7 @@ def main(argv=None):
   if main_process:
     print(f"eval loss {first:.5f} -> {last:.5f} in {time.time() - start:.1f}s")
     if args.mode == "full":
-      moment = opt_state[0].mu["l1"]["lora_a"]
+      moment = opt_state[0].pair_moments["l1"].mu
       print(f"l1 moment {moment.shape} sharded as {moment.sharding.spec}")
 
   if args.checkpoint_dir:

@@ -1,23 +1,24 @@
 """LoRA-Pro (Wang et al., ICLR 2025) as batched Optax gradient transformations.
 
-Modules:
-  equations:   the paper's equations for one pair (pure functions).
-  layout:      the equations' products on the stored (flax or paper) layout.
-  pairs:       finding and validating LoRA (A, B) pairs in a pytree.
-  batched:     all pairs' r×r work batched per rank; raw or normalised path.
-  transform:   the optax transformations `lorapro` and `lorapro_adamw`.
+Modules, from the math outwards:
+  equations:   the paper's equations for one pair, on r×r matrices (pure).
+  layout:      the products with the tall factors, on the stored layout.
+  batched:     Theorem 2.1 for every pair, the r×r work batched per rank.
+  moments:     full mode's Adam moments of the equivalent gradient.
+  pairs:       finding LoRA (A, B) pairs in a pytree; the pair index.
+  sharding:    shardings of the per-pair state on a device mesh.
+  transform:   the optax transformations.
   diagnostics: equivalent gradients of every pair.
 """
 
 from lorapro_jax.diagnostics import equivalent_gradients
+from lorapro_jax.moments import FullMoments, ScaleByLoraProState
 from lorapro_jax.pairs import FLAX_NNX, PEFT, QWIX, LoRAPair, LoRASpec, find_pairs
+from lorapro_jax.sharding import full_moment_shardings, state_shardings
 from lorapro_jax.transform import (
   DEFAULT_DAMPING,
   LoraProWeightDecayState,
-  PairedSlot,
-  ScaleByLoraProFullState,
   add_lorapro_weight_decay,
-  full_moment_shardings,
   lorapro,
   lorapro_adamw,
 )
@@ -29,15 +30,16 @@ __all__ = [
   "FLAX_NNX",
   "PEFT",
   "QWIX",
+  "FullMoments",
   "LoRAPair",
   "LoRASpec",
   "LoraProWeightDecayState",
-  "PairedSlot",
-  "ScaleByLoraProFullState",
+  "ScaleByLoraProState",
   "add_lorapro_weight_decay",
   "equivalent_gradients",
   "find_pairs",
   "full_moment_shardings",
   "lorapro",
   "lorapro_adamw",
+  "state_shardings",
 ]

@@ -1,320 +1,267 @@
-"""Batching the equations over every pair of a model.
+"""Theorem 2.1 for every pair of a model, with the r×r work batched per rank.
 
-`adjust` takes each pair in its storage layout with its batch axes flattened
-(flax: A (N, n, r), B (N, r, m); paper: A (N, r, n), B (N, m, r)) and returns
-Theorem 2.1's gradients in the same layout. Two paths compute the same map:
+`adjust` takes each pair as a `LeafPair`: its storage layout with the batch
+axes flattened (flax: A (N, n, r), B (N, r, m); paper: A (N, r, n),
+B (N, m, r)). It returns Theorem 2.1's gradients in the same layout. Pairs of
+one rank and dtype share one computation:
 
-* **Raw (the default).** Per pair, four r×r products on the raw factors
-  (AAᵀ, BᵀB, g_lora^A·Aᵀ, Bᵀ·g_lora^B), written in the leaf's layout so no tall
-  array is transposed, concatenated or copied; then all r×r work of all pairs
-  of one rank (eigendecompositions, Sylvester solves, `equations.coefficients`)
-  as one batched computation; then two K = r products per output.
-* **Normalised (the fallback).** Factors and gradients divided by their
-  largest entries, scales carried analytically (`equations`), so that inputs
-  anywhere in the dtype's range give finite results. It is taken, through
-  `jax.lax.cond`, for a rank's pairs whenever the raw path cannot be trusted:
-  a Gram trace below ``r·tiny/eps`` (B = 0 at LoRA's initialisation, or
-  entries whose squares underflow) or above ``eps/tiny`` (whose inverse may
-  underflow; Inf when the squares overflow), or a bound on the output products above a
-  quarter of the dtype's range (overflow, a non-finite coefficient, or a NaN
-  or Inf input, which the fallback propagates per slice). The bound needs the
-  largest gradient entry: one reduction over each gradient.
+1. Four r×r products per pair, written in the leaf's layout so that no tall
+   array is transposed, concatenated or copied: AAᵀ, BᵀB, g_lora^A·Aᵀ and
+   Bᵀ·g_lora^B (`lorapro_jax.layout`).
+2. All r×r work of all pairs as one batched computation: one `eigh` for
+   every Gram matrix, the Sylvester solves, `equations.coefficients`.
+3. Two K = r products per output.
 
-Everything is traced once into the jitted update: no Python loop at run time
-and no host synchronisation.
+Two paths compute the same map. The **raw** path runs the steps on the
+stored arrays. The **normalised** path divides factors and gradients by
+their largest entries first and applies the scales last
+(`equations.rescale`), so that inputs anywhere in the dtype's range give
+finite results. It is taken, through `jax.lax.cond`, for all pairs of the
+rank whenever the raw path cannot be trusted: a Gram trace below
+``r·tiny/eps`` (B = 0 at LoRA's initialisation, or entries whose squares
+underflow) or above ``eps/tiny`` (whose inverse may underflow; Inf when the
+squares overflow), or a bound on the output products above a quarter of the
+dtype's range (overflow, a non-finite coefficient, or a NaN or Inf input,
+which the normalised path propagates per slice). The bound needs the largest
+gradient entry: one reduction over each gradient.
+
+Everything is traced into the jitted update: no Python loop at run time and
+no host synchronisation.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from functools import partial
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from lorapro_jax import equations as eq
 from lorapro_jax import layout as lo
+from lorapro_jax.equations import X_CHOICES, XChoice
 
-XChoice = Literal["sylvester", "zero", "symmetric"]
-X_CHOICES = ("sylvester", "zero", "symmetric")
+Array = jax.Array
 
-_vmap_normalise = jax.vmap(eq.normalise)
-_vmap_rhs = jax.vmap(eq.sylvester_rhs)
-_vmap_solve = jax.vmap(eq.solve_sylvester)
-_vmap_sym = jax.vmap(eq.x_symmetric)
-_vmap_adjust = jax.vmap(eq.adjusted_gradients)
-_vmap_coefficients = jax.vmap(eq.coefficients, in_axes=(0,) * 7 + (None,))
+__all__ = ["X_CHOICES", "LeafPair", "XChoice", "adjust", "compute_dtype", "record_paths"]
 
 
-def compute_dtype(*arrays):
+def compute_dtype(*arrays) -> jnp.dtype:
   """float32, or float64 when an input is float64; never a narrower type."""
   return jnp.promote_types(jnp.float32, jnp.result_type(*arrays))
 
 
-def _cat(xs):
+@partial(
+  jax.tree_util.register_dataclass,
+  data_fields=["A", "B", "g_A", "g_B", "s"],
+  meta_fields=["layout"],
+)
+@dataclasses.dataclass(frozen=True)
+class LeafPair:
+  """One pair in its storage layout, batch axes flattened to N (module doc)."""
+
+  A: Array
+  B: Array
+  g_A: Array  # g_lora^A, laid out like A
+  g_B: Array
+  s: Array  # (N,)
+  layout: lo.Layout
+
+  @property
+  def rank(self) -> int:
+    return self.A.shape[-1] if self.layout == "flax" else self.A.shape[-2]
+
+  def replace(self, **changes) -> LeafPair:
+    return dataclasses.replace(self, **changes)
+
+
+class _Products(NamedTuple):
+  """The r×r inputs of `equations.coefficients`, batched: (N, r, r) each."""
+
+  G_A: Array  # AAᵀ
+  G_B: Array  # BᵀB
+  C_A: Array  # g_lora^A·Aᵀ
+  C_B: Array  # Bᵀ·g_lora^B
+
+
+def _products(layout: lo.Layout, A, B, g_A, g_B) -> _Products:
+  return _Products(
+    lo.gram_A(layout, A, A),
+    lo.gram_B(layout, B, B),
+    lo.gram_A(layout, g_A, A),
+    lo.gram_B(layout, B, g_B),
+  )
+
+
+def _cat(xs: Sequence[Array]) -> Array:
   return xs[0] if len(xs) == 1 else jnp.concatenate(xs, 0)
 
 
-def _split(x, sizes):
+def _split(x: Array, sizes: Sequence[int]) -> list[Array]:
   if len(sizes) == 1:
     return [x]
-  out, start = [], 0
-  for k in sizes:
-    out.append(x[start : start + k])
-    start += k
+  starts = [sum(sizes[:i]) for i in range(len(sizes))]
+  return [x[a : a + k] for a, k in zip(starts, sizes)]
+
+
+def _eighs(prods: _Products, damping) -> tuple[eq.DampedEig, eq.DampedEig]:
+  """Both Gram matrices of every slice in one batched `eigh`."""
+  n = prods.G_A.shape[0]
+  eig = eq.damped_eigh(jnp.concatenate([prods.G_A, prods.G_B], 0), damping)
+  return eq.DampedEig(eig.w[:n], eig.Q[:n]), eq.DampedEig(eig.w[n:], eig.Q[n:])
+
+
+def _amax(x: Array) -> Array:
+  """max|x| of every slice, (N,)."""
+  return jnp.max(jnp.abs(x), axis=(-2, -1))
+
+
+_vmap_normalise = jax.vmap(eq.normalise)
+_vmap_coefficients = jax.vmap(eq.coefficients, in_axes=(0, 0, 0, 0, 0, None, 0))
+
+
+def _coefficients(prods: _Products, s, x_choice, damping, ratio) -> eq.Coefficients:
+  eig_A, eig_B = _eighs(prods, damping)
+  return _vmap_coefficients(prods.C_A, prods.C_B, eig_A, eig_B, s, x_choice, ratio)
+
+
+def _raw_trusted(prods: _Products, coef: eq.Coefficients, gamma_A, gamma_B, r, dtype) -> Array:
+  """Whether the raw path's products are finite and accurate in ``dtype``."""
+  info = jnp.finfo(dtype)
+  # Below tiny/eps a Gram matrix may have lost its small entries to underflow,
+  # and an exactly zero one may be an underflowed nonzero factor. Above eps/tiny
+  # (or at Inf: an overflowed product) its inverse may underflow to zero.
+  floor, ceiling = r * info.tiny / info.eps, info.eps / info.tiny
+  tr_A, tr_B = (jnp.trace(G, axis1=-2, axis2=-1) for G in (prods.G_A, prods.G_B))
+  # A bound on every partial sum of the output products (|A|max <= ‖A‖_F):
+  # below it no product overflows, so none can give Inf - Inf = NaN.
+  bound = r * jnp.maximum(
+    _amax(coef.M1) * gamma_A + _amax(coef.Z) * jnp.sqrt(tr_A),
+    _amax(coef.M3) * gamma_B + _amax(coef.P + coef.Z) * jnp.sqrt(tr_B),
+  )
+  in_range = lambda tr: jnp.all((tr >= floor) & (tr <= ceiling))
+  return in_range(tr_A) & in_range(tr_B) & jnp.all(bound <= info.max / 4)  # False for NaN
+
+
+def _raw_outputs(ps: Sequence[LeafPair], coef: eq.Coefficients) -> list[tuple[Array, Array]]:
+  sizes = [p.s.shape[0] for p in ps]
+  out = []
+  for p, (M1, M3, P, Z) in zip(ps, zip(*(_split(c, sizes) for c in coef))):
+    L = p.layout
+    g_A = lo.left(L, M1, p.g_A) + lo.left(L, Z, p.A)
+    g_B = lo.right(L, p.g_B, M3) - lo.right(L, p.B, P + Z)
+    out.append((g_A, g_B))
   return out
 
 
-@dataclasses.dataclass
-class Group:
-  members: list[int]  # indices of the pairs, in order
-  sizes: list[int]  # batch size N of each member
-  A: eq.Normalised = None
-  B: eq.Normalised = None
-  s: jax.Array = None
-  eig_A: eq.DampedEig = None
-  eig_B: eq.DampedEig = None
-  G_A_inv: jax.Array = None
-  G_B_inv: jax.Array = None
+def _normalised_outputs(
+  ps: Sequence[LeafPair], x_choice: XChoice, damping
+) -> list[tuple[Array, Array]]:
+  """Theorem 2.1 on normalised factors and gradients (the fallback).
 
-
-@dataclasses.dataclass
-class Prepared:
-  """Normalised factors and damped Gram eigendecompositions of every pair."""
-
-  groups: list[Group]
-  buckets: dict  # (r, dtype) -> list of group indices sharing one eigh call
-  n_pairs: int
-
-  def split(self, per_group: Sequence[jax.Array]) -> list[jax.Array]:
-    """Per-group batched arrays back to one array per pair."""
-    out = [None] * self.n_pairs
-    for grp, x in zip(self.groups, per_group):
-      for i, xi in zip(grp.members, _split(x, grp.sizes)):
-        out[i] = xi
-    return out
-
-  def gather(self, per_pair: Sequence[jax.Array]) -> list[jax.Array]:
-    """One array per pair to per-group batched arrays."""
-    return [_cat([per_pair[i] for i in grp.members]) for grp in self.groups]
-
-
-def prepare(
-  As: Sequence[jax.Array], Bs: Sequence[jax.Array], scales: Sequence[jax.Array], damping
-) -> Prepared:
-  """Normalises A and B and decomposes their damped Gram matrices.
-
-  Args:
-    As: per pair, A in the paper's orientation, (N, r, n), in compute dtype.
-    Bs: per pair, B (N, m, r), same dtype as its A.
-    scales: per pair, the LoRA scaling s, shape (N,).
-    damping: relative damping δ (see `lorapro_jax.equations`).
+  The map is linear in the gradients: each slice's gradients are divided by
+  their largest entry γ, and γ and the factors' scales α, β are applied last,
+  so no finite input overflows midway and an output beyond the dtype's range
+  saturates. A slice with a NaN or Inf gradient returns NaN in both of its
+  outputs, which propagates like optax's own transformations.
   """
-  keys = {}
-  for i, (A, B) in enumerate(zip(As, Bs)):
-    key = (B.shape[1], A.shape[2], A.shape[1], jnp.dtype(A.dtype))
-    keys.setdefault(key, []).append(i)
-  groups = []
-  for members in keys.values():
-    grp = Group(members, [As[i].shape[0] for i in members])
-    grp.A = _vmap_normalise(_cat([As[i] for i in members]))
-    grp.B = _vmap_normalise(_cat([Bs[i] for i in members]))
-    grp.s = _cat([scales[i] for i in members])
-    groups.append(grp)
+  sizes = [p.s.shape[0] for p in ps]
+  hats, prods = [], []
+  for p in ps:
+    A, B = _vmap_normalise(p.A), _vmap_normalise(p.B)
+    gamma = jnp.maximum(_amax(p.g_A), _amax(p.g_B))
+    finite = jnp.isfinite(gamma)
+    gamma = jnp.where(finite & (gamma > 0), gamma, jnp.ones_like(gamma))
+    g_A, g_B = p.g_A / gamma[:, None, None], p.g_B / gamma[:, None, None]
+    hats.append((A, B, g_A, g_B, gamma, finite))
+    prods.append(_products(p.layout, A.hat, B.hat, g_A, g_B))
+  prods = _Products(*(_cat(x) for x in zip(*prods)))
+  ratio = _cat([(B.scale / A.scale) ** 2 for A, B, *_ in hats])
+  coef = _coefficients(prods, _cat([p.s for p in ps]), x_choice, damping, ratio)
 
-  buckets: dict = {}
-  for gi, (key, _) in enumerate(zip(keys, groups)):
-    buckets.setdefault(key[2:], []).append(gi)
-  for gis in buckets.values():
-    grams = [jax.vmap(eq.gram_B)(groups[g].B.hat) for g in gis]
-    grams += [jax.vmap(eq.gram_A)(groups[g].A.hat) for g in gis]
-    eig = eq.damped_eigh(jnp.concatenate(grams, 0), damping)
-    inv = eq.inverse(eig)
-    sizes = [groups[g].B.hat.shape[0] for g in gis] * 2
-    parts = [_split(x, sizes) for x in (eig.w, eig.Q, inv)]
-    k = len(gis)
-    for j, g in enumerate(gis):
-      grp = groups[g]
-      grp.eig_B = eq.DampedEig(parts[0][j], parts[1][j])
-      grp.eig_A = eq.DampedEig(parts[0][k + j], parts[1][k + j])
-      grp.G_B_inv, grp.G_A_inv = parts[2][j], parts[2][k + j]
-  return Prepared(groups, buckets, len(As))
-
-
-def _unit(M: eq.Normalised) -> eq.Normalised:
-  """M's normalised factor with scale 1: its scale is applied later."""
-  return eq.Normalised(M.hat, jnp.ones_like(M.scale))
-
-
-def _sylvester_Y(prep: Prepared, gA: Sequence[jax.Array]) -> list[jax.Array]:
-  """β·Y = α·β²·X of Theorem 2.3 for every group, one batched solve per rank."""
-  Ys = [None] * len(prep.groups)
-  for gis in prep.buckets.values():
-    grps = [prep.groups[g] for g in gis]
-    C = _cat(
-      [_vmap_rhs(gA[g], grp.A, _unit(grp.B), grp.G_B_inv, grp.s) for g, grp in zip(gis, grps)]
+  out = []
+  for p, (A, B, g_A, g_B, gamma, finite), (M1, M3, P, Z) in zip(
+    ps, hats, zip(*(_split(c, sizes) for c in coef))
+  ):
+    L, col = p.layout, lambda x: x[:, None, None]
+    a, b, c = col(A.scale), col(B.scale), col(gamma)
+    d = b if eq.x_unit(x_choice) == "B" else a
+    out_A = eq.rescale(lo.left(L, M1, g_A), c, b, b) + eq.rescale(lo.left(L, Z, A.hat), c, b, d)
+    out_B = eq.rescale(lo.right(L, g_B, M3) - lo.right(L, B.hat, P), c, a, a) - eq.rescale(
+      lo.right(L, B.hat, Z), c, a, d
     )
-    ratio = _cat([(grp.B.scale / grp.A.scale) ** 2 for grp in grps])
-    eig_B = eq.DampedEig(*(_cat(x) for x in zip(*(grp.eig_B for grp in grps))))
-    eig_A = eq.DampedEig(*(_cat(x) for x in zip(*(grp.eig_A for grp in grps))))
-    Y = _vmap_solve(C, eig_B, eig_A, ratio)
-    for g, y in zip(gis, _split(Y, [grp.s.shape[0] for grp in grps])):
-      Ys[g] = y
-  return Ys
+    out.append(tuple(jnp.where(col(finite), eq.saturate(x), jnp.nan) for x in (out_A, out_B)))
+  return out
 
 
-def _max_abs(ga, gb):
-  """max(|g_lora^A|, |g_lora^B|) of every slice, (N, 1, 1)."""
-  m = lambda g: jnp.max(jnp.abs(g), axis=(1, 2), keepdims=True)
-  return jnp.maximum(m(ga), m(gb))
+# Set by `record_paths`; read when compiled code runs.
+_path_log: list[bool] | None = None
 
 
-def adjust_normalised(
-  prep: Prepared, gA: Sequence[jax.Array], gB: Sequence[jax.Array], x_choice: XChoice
-) -> tuple[list[jax.Array], list[jax.Array]]:
-  """Theorem 2.1 on normalised factors, for every group (paper orientation;
-  inputs and outputs batched per group).
+@contextlib.contextmanager
+def record_paths() -> Iterator[list[bool]]:
+  """Test hook: which path compiled code takes.
 
-  The map is linear in the gradients: each slice's pair is divided by its
-  largest entry γ, and γ and the factors' scales α, β are applied last
-  (`equations.adjusted_gradients`), so no finite input overflows midway and
-  an output beyond the dtype's range saturates. A slice with a NaN or Inf
-  gradient returns NaN in both of its outputs, which propagates like
-  optax's own transformations.
+  Code traced inside the block appends, each time it runs, True (raw) or
+  False (normalised) for every rank bucket of every `adjust` call, in the
+  order the buckets run.
   """
-  gammas = [_max_abs(ga, gb) for ga, gb in zip(gA, gB)]
-  finite = [jnp.isfinite(g) for g in gammas]
-  gammas = [jnp.where(ok & (g > 0), g, jnp.ones_like(g)) for ok, g in zip(finite, gammas)]
-  gA = [ga / g for ga, g in zip(gA, gammas)]
-  gB = [gb / g for gb, g in zip(gB, gammas)]
-  if x_choice == "sylvester":  # Y passed as β·Y
-    Ys = _sylvester_Y(prep, gA)
-    y_divs = [grp.B.scale for grp in prep.groups]
-  elif x_choice == "symmetric":  # Y passed as α·Y
-    Ys = [
-      _vmap_sym(gb, _unit(grp.A), grp.B, grp.G_A_inv, grp.G_B_inv, grp.s)
-      for gb, grp in zip(gB, prep.groups)
-    ]
-    y_divs = [grp.A.scale for grp in prep.groups]
-  elif x_choice == "zero":
-    Ys = [jnp.zeros_like(grp.G_A_inv) for grp in prep.groups]
-    y_divs = [jnp.ones_like(grp.s) for grp in prep.groups]
-  out = [
-    _vmap_adjust(ga, gb, grp.A, grp.B, grp.G_A_inv, grp.G_B_inv, Y, grp.s, d, g[:, 0, 0])
-    for ga, gb, Y, d, g, grp in zip(gA, gB, Ys, y_divs, gammas, prep.groups)
-  ]
-  nan = lambda x, ok: jnp.where(ok, x, jnp.nan)
-  return (
-    [nan(o[0], ok) for o, ok in zip(out, finite)],
-    [nan(o[1], ok) for o, ok in zip(out, finite)],
+  global _path_log
+  previous, _path_log = _path_log, []
+  try:
+    yield _path_log
+  finally:
+    _path_log = previous
+
+
+def _log_path(raw):
+  if _path_log is not None:
+    _path_log.append(bool(raw))
+
+
+def _adjust_bucket(ps: Sequence[LeafPair], x_choice, damping, record) -> list:
+  """`adjust` for pairs of one rank and dtype."""
+  prods = _Products(
+    *(_cat(x) for x in zip(*(_products(p.layout, p.A, p.B, p.g_A, p.g_B) for p in ps)))
+  )
+  s = _cat([p.s for p in ps])
+  coef = _coefficients(prods, s, x_choice, damping, jnp.ones_like(s))
+  gamma_A = _cat([_amax(p.g_A) for p in ps])
+  gamma_B = _cat([_amax(p.g_B) for p in ps])
+  ok = _raw_trusted(prods, coef, gamma_A, gamma_B, ps[0].rank, prods.G_A.dtype)
+  if record:
+    jax.debug.callback(_log_path, ok)
+  return jax.lax.cond(
+    ok,
+    lambda: _raw_outputs(ps, coef),
+    lambda: _normalised_outputs(ps, x_choice, damping),
   )
 
 
-class LeafPair(NamedTuple):
-  """One pair in its storage layout, batch axes flattened to N (see module doc)."""
-
-  A: jax.Array
-  B: jax.Array
-  g_A: jax.Array  # g_lora^A, laid out like A
-  g_B: jax.Array
-  s: jax.Array  # (N,)
-  layout: lo.Layout
-
-
-def _normalised_path(pairs: Sequence[LeafPair], x_choice, damping):
-  """`adjust_normalised` on leaf-layout pairs (the fallback of `adjust`)."""
-  paper = lambda x, p: lo.to_paper(x, p.layout)
-  prep = prepare(
-    [paper(p.A, p) for p in pairs], [paper(p.B, p) for p in pairs], [p.s for p in pairs], damping
-  )
-  gA, gB = adjust_normalised(
-    prep,
-    prep.gather([paper(p.g_A, p) for p in pairs]),
-    prep.gather([paper(p.g_B, p) for p in pairs]),
-    x_choice,
-  )
-  return [(paper(a, p), paper(b, p)) for a, b, p in zip(prep.split(gA), prep.split(gB), pairs)]
-
-
-def adjust(
-  pairs: Sequence[LeafPair], x_choice: XChoice, damping
-) -> list[tuple[jax.Array, jax.Array]]:
+def adjust(pairs: Sequence[LeafPair], x_choice: XChoice, damping) -> list[tuple[Array, Array]]:
   """Theorem 2.1 for every pair: (g^A, g^B) per pair, laid out like (A, B).
 
-  Pairs of one rank and dtype share one batched r×r computation and one
-  raw-or-normalised decision (see the module docstring). A result beyond the
-  dtype's range saturates; a slice with a NaN or Inf gradient returns NaN in
-  both of its outputs.
+  A result beyond the dtype's range saturates; a slice with a NaN or Inf
+  gradient returns NaN in both of its outputs.
   """
   if x_choice not in X_CHOICES:
     raise ValueError(f"x_choice must be one of {X_CHOICES}, got {x_choice!r}")
   # Jitted so that an eager call compiles one computation (with both branches
   # of the cond) instead of dispatching every op; inlined under an outer jit.
-  return _adjust_jit([p[:5] for p in pairs], tuple(p.layout for p in pairs), x_choice, damping)
+  return _adjust_jit(tuple(pairs), x_choice, damping, _path_log is not None)
 
 
-@partial(jax.jit, static_argnums=(1, 2))
-def _adjust_jit(arrays, layouts, x_choice, damping):
-  pairs = [LeafPair(*a, layout) for a, layout in zip(arrays, layouts)]
+@partial(jax.jit, static_argnums=(1, 3))
+def _adjust_jit(pairs, x_choice, damping, record):
   buckets: dict = {}
   for i, p in enumerate(pairs):
-    buckets.setdefault(
-      (p.A.shape[-1] if p.layout == "flax" else p.A.shape[-2], jnp.dtype(p.A.dtype)), []
-    ).append(i)
+    buckets.setdefault((p.rank, jnp.dtype(p.A.dtype)), []).append(i)
   out = [None] * len(pairs)
-  for (r, dtype), members in buckets.items():
-    ps = [pairs[i] for i in members]
-    sizes = [p.s.shape[0] for p in ps]
-    prods = [
-      (
-        lo.gram_A(p.layout, p.A, p.A),
-        lo.gram_B(p.layout, p.B, p.B),
-        lo.gram_A(p.layout, p.g_A, p.A),
-        lo.gram_B(p.layout, p.B, p.g_B),
-      )
-      for p in ps
-    ]
-    G_A, G_B, C_A, C_B = (_cat(list(x)) for x in zip(*prods))
-    s = _cat([p.s for p in ps])
-    eig = eq.damped_eigh(jnp.concatenate([G_A, G_B], 0), damping)
-    n = G_A.shape[0]
-    eig_A = eq.DampedEig(eig.w[:n], eig.Q[:n])
-    eig_B = eq.DampedEig(eig.w[n:], eig.Q[n:])
-    coef = _vmap_coefficients(G_A, G_B, C_A, C_B, s, eig_A, eig_B, x_choice)
-    # Below tiny/eps a Gram matrix may have lost its small entries to underflow,
-    # and an exactly zero one may be an underflowed nonzero factor. Above eps/tiny
-    # (or at Inf: an overflowed product) its inverse may underflow to zero.
-    floor = r * jnp.finfo(dtype).tiny / jnp.finfo(dtype).eps
-    ceiling = jnp.finfo(dtype).eps / jnp.finfo(dtype).tiny
-    tr_A, tr_B = (jnp.trace(G, axis1=-2, axis2=-1) for G in (G_A, G_B))
-    # A bound on every partial sum of the output products (|A|max <= ‖A‖_F):
-    # below it no product overflows, so none can give Inf - Inf = NaN.
-    amax = lambda x: jnp.max(jnp.abs(x), axis=(-2, -1))
-    gamma_A = _cat([amax(p.g_A) for p in ps])
-    gamma_B = _cat([amax(p.g_B) for p in ps])
-    bound = r * jnp.maximum(
-      amax(coef.M1) * gamma_A + amax(coef.M2) * jnp.sqrt(tr_A),
-      amax(coef.M3) * gamma_B + amax(coef.M4) * jnp.sqrt(tr_B),
-    )
-    in_range = lambda tr: jnp.all((tr >= floor) & (tr <= ceiling))
-    ok = (
-      in_range(tr_A) & in_range(tr_B) & jnp.all(bound <= jnp.finfo(dtype).max / 4)
-    )  # False for any NaN
-
-    def raw_path():
-      out = []
-      for p, (M1, M2, M3, M4) in zip(ps, zip(*(_split(m, sizes) for m in coef))):
-        out.append(
-          (
-            lo.left(p.layout, M1, p.g_A) + lo.left(p.layout, M2, p.A),
-            lo.right(p.layout, p.g_B, M3) - lo.right(p.layout, p.B, M4),
-          )
-        )
-      return out
-
-    result = jax.lax.cond(ok, raw_path, lambda: _normalised_path(ps, x_choice, damping))
+  for members in buckets.values():
+    result = _adjust_bucket([pairs[i] for i in members], x_choice, damping, record)
     for i, res in zip(members, result):
       out[i] = tuple(res)
   return out

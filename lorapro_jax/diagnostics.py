@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
-from lorapro_jax import batched, layout
+from lorapro_jax import layout
 from lorapro_jax import pairs as pairs_lib
 
 
-def equivalent_gradients(params, updates, scale=1.0, pairs: pairs_lib.PairsArg = None) -> dict:
+def equivalent_gradients(
+  params, updates, scale: pairs_lib.ScaleArg = 1.0, pairs: pairs_lib.PairsArg = None
+) -> dict:
   """Definition 1: g̃ = s·B·g^A + s·g^B·A for every pair.
 
   Args:
@@ -21,24 +22,23 @@ def equivalent_gradients(params, updates, scale=1.0, pairs: pairs_lib.PairsArg =
     pairs: as in `lorapro`.
 
   Returns:
-    A dict from each pair's parent path (a tuple of keys; the A leaf's path
-    when a ``pairs`` callable put two pairs under one parent) to its equivalent
-    gradient, laid out like the adapted weight: ``(..., in, out)`` for the flax
-    layout (the kernel's layout) and ``(..., out, in)`` for the paper layout.
-  """
-  from lorapro_jax.transform import _pair_scale  # shared scale resolution
+    A dict from each pair's key (its parent's path as a tuple of keys; the A
+    leaf's path when a ``pairs`` callable put two pairs under one parent) to
+    its equivalent gradient, laid out like the adapted weight: ``(..., in,
+    out)`` for the flax layout (the kernel's layout) and ``(..., out, in)`` for
+    the paper layout.
 
-  p_leaves = jax.tree.leaves(params)
-  u_leaves = jax.tree.leaves(updates)
+  Examples:
+    >>> import jax.numpy as jnp, lorapro_jax as lpj
+    >>> params = {'lora_a': jnp.ones((4, 2)), 'lora_b': jnp.ones((2, 3))}
+    >>> lpj.equivalent_gradients(params, params, scale=2.0)[()].shape
+    (4, 3)
+  """
+  index = pairs_lib.PairIndex.build(params, pairs)
+  leaf_pairs = index.leaf_pairs(jax.tree.leaves(params), jax.tree.leaves(updates), scale)
+  parents = [f.path for f in index.pairs]
   out = {}
-  found = pairs_lib.find_pairs(params, pairs)
-  parents = [f.path for f in found]
-  for f in found:
-    arrs = [p_leaves[f.a_index], p_leaves[f.b_index], u_leaves[f.a_index], u_leaves[f.b_index]]
-    dt = batched.compute_dtype(*arrs)
-    A, B, gA, gB = (jnp.asarray(x, dt).reshape((-1,) + x.shape[-2:]) for x in arrs)
-    s = _pair_scale(scale, f, dt)[:, None, None]
-    g = s * layout.outer(f.layout, B, gA, gB, A)
-    key = f.path if parents.count(f.path) == 1 else f.a_path
-    out[key] = g.reshape(f.batch_shape + g.shape[-2:])
+  for f, p in zip(index.pairs, leaf_pairs):
+    g = p.s[:, None, None] * layout.outer(f.layout, p.B, p.g_A, p.g_B, p.A)
+    out[f.path if parents.count(f.path) == 1 else f.a_path] = g.reshape(f.weight_shape)
   return out

@@ -1,8 +1,13 @@
-"""Finding LoRA (A, B) pairs in a parameter pytree.
+"""Finding LoRA (A, B) pairs in a parameter pytree, and the index built from them.
 
 A pair is two sibling leaves. `LoRASpec` names them and says how they are laid
 out, in the spirit of optax's `MuonDimensionNumbers`: all axes before the last
 two are batch axes (stacked or scanned layers, experts).
+
+`PairIndex` is the flattened-tree bookkeeping that every transformation
+shares: which leaves are paired, gathering a pair's leaves as
+`batched.LeafPair` (batch axes flattened, compute dtype) and scattering
+results back, moment shapes, per-pair scales and state keys.
 """
 
 from __future__ import annotations
@@ -12,8 +17,11 @@ from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from lorapro_jax import batched
+from lorapro_jax import equations as eq
 from lorapro_jax.layout import Layout
 
 Path = tuple[Hashable, ...]
@@ -67,6 +75,12 @@ class FoundPair:
   m: int  # out features (rows of the paper's B and W)
   n: int  # in features (columns of the paper's A and W)
   r: int
+
+  @property
+  def weight_shape(self) -> tuple[int, ...]:
+    """Shape of the adapted weight, as its m×n moments are stored: the kernel's
+    ``(..., in, out)`` for the flax layout, ``(..., out, in)`` for the paper's."""
+    return self.batch_shape + ((self.n, self.m) if self.layout == "flax" else (self.m, self.n))
 
 
 def _key_name(k) -> Hashable:
@@ -193,3 +207,107 @@ def find_pairs(params, pairs: PairsArg = None) -> list[FoundPair]:
     for parent in sorted(a_parents, key=path_str):
       add(parent + a_sfx, parent + b_sfx, spec.layout, parent)
   return found
+
+
+ScaleArg = float | jax.Array | Callable[[Path, int], Any]
+
+
+def pair_scale(scale: ScaleArg, pair: FoundPair, dtype) -> jax.Array:
+  """The scaling s of every slice of a pair, flattened to (N,)."""
+  s = scale(pair.path, pair.r) if callable(scale) else scale
+  s = jnp.asarray(s, dtype)
+  try:
+    s = jnp.broadcast_to(s, pair.batch_shape)
+  except ValueError:
+    raise ValueError(
+      f"The scale for LoRA pair {path_str(pair.path)} has shape {s.shape}, which does not "
+      f"broadcast to its batch shape {pair.batch_shape}."
+    ) from None
+  return s.reshape(-1)
+
+
+def _flat(x, pair: FoundPair, dtype=None) -> jax.Array:
+  x = jnp.asarray(x, dtype)
+  return x.reshape((-1,) + x.shape[len(pair.batch_shape) :])
+
+
+@dataclasses.dataclass(frozen=True)
+class PairIndex:
+  """The pairs of a parameter tree, by position in its flattened leaves.
+
+  Attributes:
+    pairs: every pair, in `find_pairs` order.
+    keys: one unique name per pair (its parent's path, or its A leaf's path
+      where two pairs share a parent), keying per-pair optimizer state.
+    num_leaves: how many leaves the tree has.
+  """
+
+  pairs: tuple[FoundPair, ...]
+  keys: tuple[str, ...]
+  num_leaves: int
+
+  @classmethod
+  def build(cls, params, pairs: PairsArg = None) -> PairIndex:
+    found = tuple(find_pairs(params, pairs))
+    parents = [path_str(f.path) for f in found]
+    keys = tuple(
+      name if parents.count(name) == 1 else path_str(f.a_path) for name, f in zip(parents, found)
+    )
+    return cls(found, keys, len(jax.tree.leaves(params)))
+
+  @property
+  def paired(self) -> frozenset[int]:
+    """Indices of the leaves that belong to a pair."""
+    return frozenset(i for f in self.pairs for i in (f.a_index, f.b_index))
+
+  def mask(self, tree) -> Any:
+    """A tree of booleans like ``tree``: True at the leaves outside pairs."""
+    leaves, treedef = jax.tree.flatten(tree)
+    self.check_leaf_count(leaves, "the tree")
+    paired = self.paired
+    return jax.tree.unflatten(treedef, [i not in paired for i in range(len(leaves))])
+
+  def check_leaf_count(self, leaves: Sequence[Any], what: str) -> None:
+    if len(leaves) != self.num_leaves:
+      raise ValueError(
+        f"{what} has {len(leaves)} leaves but the parameters have {self.num_leaves}; "
+        "they must have the same structure."
+      )
+
+  def leaf_pairs(
+    self, param_leaves: Sequence[Any], update_leaves: Sequence[Any], scale: ScaleArg
+  ) -> list[batched.LeafPair]:
+    """Every pair's factors and gradients, batch axes flattened, in compute dtype."""
+    self.check_leaf_count(update_leaves, "updates")
+    out = []
+    for f in self.pairs:
+      for i, path in ((f.a_index, f.a_path), (f.b_index, f.b_path)):
+        if np.shape(update_leaves[i]) != np.shape(param_leaves[i]):
+          raise ValueError(
+            f"The update for LoRA leaf {path_str(path)} has shape "
+            f"{np.shape(update_leaves[i])} but the parameter has shape "
+            f"{np.shape(param_leaves[i])}."
+          )
+      arrays = (
+        param_leaves[f.a_index],
+        param_leaves[f.b_index],
+        update_leaves[f.a_index],
+        update_leaves[f.b_index],
+      )
+      dt = batched.compute_dtype(*arrays)
+      A, B, g_A, g_B = (_flat(x, f, dt) for x in arrays)
+      out.append(batched.LeafPair(A, B, g_A, g_B, pair_scale(scale, f, dt), f.layout))
+    return out
+
+  def scatter(self, leaves: Sequence[Any], per_pair: Sequence[tuple[Any, Any]]) -> list[Any]:
+    """``leaves`` with every pair's two leaves replaced by its (N, ...) results,
+    reshaped and cast (saturating) to the replaced leaves' shapes and dtypes."""
+    out = list(leaves)
+    for f, results in zip(self.pairs, per_pair):
+      for i, x in zip((f.a_index, f.b_index), results):
+        out[i] = eq.saturating_cast(x.reshape(np.shape(leaves[i])), jnp.result_type(leaves[i]))
+    return out
+
+  def weight_flat(self, x: jax.Array, k: int) -> jax.Array:
+    """Pair k's weight-shaped array (its `FoundPair.weight_shape`) as (N, ., .)."""
+    return _flat(x, self.pairs[k])

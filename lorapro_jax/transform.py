@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
@@ -11,14 +10,16 @@ import jax.numpy as jnp
 import optax
 
 from lorapro_jax import batched
-from lorapro_jax import equations as eq
-from lorapro_jax import layout as layout_lib
+from lorapro_jax import moments as moments_lib
 from lorapro_jax import pairs as pairs_lib
+from lorapro_jax import sharding as sharding_lib
 
 Mode = Literal["efficient", "full"]
-ScaleArg = float | jax.Array | Callable[[pairs_lib.Path, int], Any]
+MODES: tuple[str, ...] = Mode.__args__
+ScaleArg = pairs_lib.ScaleArg
 
 DEFAULT_DAMPING = 1e-6
+_ADAM_DEFAULTS = {"b1": 0.9, "b2": 0.999, "eps": 1e-8}
 
 _NO_PARAMS = (
   "lorapro needs the current parameters to adjust the LoRA gradients: "
@@ -26,107 +27,9 @@ _NO_PARAMS = (
 )
 
 
-class ScaleByLoraProFullState(NamedTuple):
-  """State of the full mode (Algorithm 3).
-
-  Attributes:
-    count: number of updates so far (int32).
-    mu: first moments. Same tree as the parameters; the slot of each pair's A
-      leaf holds the moment of its m×n equivalent gradient, laid out like the
-      adapted weight (``(..., in, out)`` for the flax layout, ``(..., out, in)``
-      for the paper layout); the slot of its B leaf is a `PairedSlot`.
-      Other leaves hold ordinary Adam moments.
-    nu: second moments, laid out like ``mu``.
-  """
-
-  count: jax.Array
-  mu: optax.Params
-  nu: optax.Params
-
-
-class PairedSlot(NamedTuple):
-  """Placeholder in the full-mode moments at a pair's B leaf (its A slot holds
-  the pair's m×n moment). Distinct from ``optax.MaskedNode``, which
-  ``optax.masked`` uses for leaves outside the mask."""
-
-
-def _is_slot(x):
-  return isinstance(x, PairedSlot)
-
-
-def _saturating_cast(x, dtype):
-  """Casts to ``dtype``, clipping finite overflow to the largest finite value.
-
-  NaN stays NaN, so non-finite gradients propagate as in optax.
-  """
-  dtype = jnp.dtype(dtype)
-  if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).max < jnp.finfo(x.dtype).max:
-    big = jnp.finfo(dtype).max
-    x = jnp.clip(x, -big, big)
-  return x.astype(dtype)
-
-
-def _pair_scale(scale: ScaleArg, pair: pairs_lib.FoundPair, dtype):
-  """The scaling s of every slice of a pair, flattened to (N,)."""
-  s = scale(pair.path, pair.r) if callable(scale) else scale
-  s = jnp.asarray(s, dtype)
-  try:
-    s = jnp.broadcast_to(s, pair.batch_shape)
-  except ValueError:
-    raise ValueError(
-      f"The scale for LoRA pair {pairs_lib.path_str(pair.path)} has shape "
-      f"{s.shape}, which does not broadcast to its batch shape "
-      f"{pair.batch_shape}."
-    ) from None
-  return s.reshape(-1)
-
-
-@dataclasses.dataclass
-class _Pairs:
-  """The pairs of one update in their storage layout, batch axes flattened."""
-
-  found: list
-  leaf: list  # batched.LeafPair per pair
-
-  @classmethod
-  def build(cls, params, updates, scale, pairs):
-    found = pairs_lib.find_pairs(params, pairs)
-    p_leaves = jax.tree.leaves(params)
-    u_paths = jax.tree_util.tree_flatten_with_path(updates)[0]
-    if len(u_paths) != len(p_leaves):
-      raise ValueError(
-        f"updates have {len(u_paths)} leaves but params have "
-        f"{len(p_leaves)}; they must have the same structure."
-      )
-    u_leaves = [u for _, u in u_paths]
-    leaf = []
-    for f in found:
-      for idx, path in ((f.a_index, f.a_path), (f.b_index, f.b_path)):
-        if jnp.shape(u_leaves[idx]) != jnp.shape(p_leaves[idx]):
-          raise ValueError(
-            f"The update for LoRA leaf {pairs_lib.path_str(path)} has shape "
-            f"{jnp.shape(u_leaves[idx])} but the parameter has shape "
-            f"{jnp.shape(p_leaves[idx])}."
-          )
-      arrs = [p_leaves[f.a_index], p_leaves[f.b_index], u_leaves[f.a_index], u_leaves[f.b_index]]
-      dt = batched.compute_dtype(*arrs)
-      a, b, ga, gb = (jnp.asarray(x, dt).reshape((-1,) + jnp.shape(x)[-2:]) for x in arrs)
-      leaf.append(batched.LeafPair(a, b, ga, gb, _pair_scale(scale, f, dt), f.layout))
-    return cls(found, leaf), u_leaves
-
-  def write(self, u_leaves, adjusted):
-    """Replaces the pairs' leaves in ``u_leaves`` by their (N, ...) adjusted pairs."""
-    out = list(u_leaves)
-    for f, pair in zip(self.found, adjusted):
-      for idx, x in zip((f.a_index, f.b_index), pair):
-        x = x.reshape(jnp.shape(u_leaves[idx]))
-        out[idx] = _saturating_cast(x, jnp.result_type(u_leaves[idx]))
-    return out
-
-
 def _check_options(mode, x_choice):
-  if mode not in ("efficient", "full"):
-    raise ValueError(f"mode must be 'efficient' or 'full', got {mode!r}")
+  if mode not in MODES:
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
   if x_choice not in batched.X_CHOICES:
     raise ValueError(f"x_choice must be one of {batched.X_CHOICES}, got {x_choice!r}")
 
@@ -136,116 +39,29 @@ def _check_positive(name, value):
     raise ValueError(f"{name} must be positive, got {value!r}")
 
 
-def _adam_direction(g, mu, nu, count, b1, b2, eps, saturating=False):
-  """Bias-corrected Adam direction m̂/(√v̂ + ε) (Alg. 3, lines 9-13).
-
-  ``saturating`` (for a pair's g̃, which is finite or NaN): the moments and the
-  direction saturate instead of overflowing (g̃² beyond the range would make v
-  Inf and the direction 0). Other leaves overflow and propagate Inf as optax does.
-  """
-  stored = mu.dtype  # moment_dtype, fixed at init
-  dt = batched.compute_dtype(g, mu)
-  g = g.astype(dt)
-  mu = b1 * mu.astype(dt) + (1 - b1) * g
-  nu = b2 * nu.astype(dt) + (1 - b2) * g * g
-  t = count.astype(dt)
-  if saturating:
-    mu, nu = eq.saturate(mu), eq.saturate(nu)
-    direction = eq.saturate(mu / (1 - b1**t)) / (jnp.sqrt(nu) / jnp.sqrt(1 - b2**t) + eps)
-    return direction, _saturating_cast(mu, stored), _saturating_cast(nu, stored)
-  direction = (mu / (1 - b1**t)) / (jnp.sqrt(nu / (1 - b2**t)) + eps)
-  return direction, mu.astype(stored), nu.astype(stored)
+def _index(updates, params, pairs) -> tuple[pairs_lib.PairIndex, list, list]:
+  """The pair index of ``params`` and both trees' leaves, validated."""
+  if params is None:
+    raise ValueError(_NO_PARAMS)
+  index = pairs_lib.PairIndex.build(params, pairs)
+  u_leaves = jax.tree.leaves(updates)
+  index.check_leaf_count(u_leaves, "updates")
+  return index, jax.tree.leaves(params), u_leaves
 
 
-_vmap_normalise = jax.vmap(eq.normalise)
+# What `init` puts in place of the pair moments when `optax.tree.map_params`
+# probes the state's structure with a placeholder for the whole params tree:
+# a leaf, so that map_params passes the pair moments whole to its
+# `transform_non_params` (they are keyed by pair, not shaped like the params).
+_NOT_PARAMS_SHAPED = "pair moments (not params-shaped)"
 
 
-def _equivalent_gradient(g_A, g_B, A: eq.Normalised, B: eq.Normalised, s, layout):
-  """Eq. (55), g̃ = s·β·B̂·g^A + s·α·g^B·Â, in the weight's layout, without
-  overflowing midway: both terms are formed at most 1 in size and their common
-  scale applied last, saturating. g^A, g^B are finite (saturated) or NaN.
-  Batched over the leading axis."""
-  a, b = _vmap_normalise(g_A), _vmap_normalise(g_B)
-  c_A, c_B = eq.saturate(s * B.scale * a.scale), eq.saturate(s * A.scale * b.scale)
-  c = jnp.maximum(c_A, c_B)
-  c = jnp.where(c > 0, c, jnp.ones_like(c))[:, None, None]
-  g = layout_lib.outer(
-    layout, B.hat, a.hat * (c_A[:, None, None] / c), b.hat * (c_B[:, None, None] / c), A.hat
-  )
-  return eq.saturate(g * c)
-
-
-def _moment_shape(f: pairs_lib.FoundPair):
-  return f.batch_shape + ((f.n, f.m) if f.layout == "flax" else (f.m, f.n))
-
-
-def _moment_sharding(f: pairs_lib.FoundPair, a, b):
-  """The sharding of a pair's m×n moment, from those of its A and B leaves.
-
-  Out features follow B, batch axes B (else A), in features A, in that order
-  of priority: a mesh axis already used is not used again (FSDP splits A and B
-  over the same mesh axis; the moment is then split over out features, as
-  the equivalent gradient ``B @ A`` is computed). None unless both leaves
-  carry a `jax.sharding.NamedSharding` on the same mesh.
-  """
-  sa, sb = getattr(a, "sharding", None), getattr(b, "sharding", None)
-  if not (
-    isinstance(sa, jax.sharding.NamedSharding)
-    and isinstance(sb, jax.sharding.NamedSharding)
-    and sa.mesh == sb.mesh
-  ):
-    return None
-  nd = len(f.batch_shape) + 2
-  pa, pb = (tuple(s.spec) + (None,) * (nd - len(s.spec)) for s in (sa, sb))
-  if f.layout == "flax":  # a (..., in, r), b (..., r, out), moment (..., in, out)
-    in_ax, out_ax = pa[-2], pb[-1]
-  else:  # A (..., r, in), B (..., out, r), moment (..., out, in)
-    in_ax, out_ax = pa[-1], pb[-2]
-  used = set()
-
-  def take(ax):  # each mesh axis may split one array axis only
-    names = {ax} if isinstance(ax, str) else set(ax or ())
-    if not names or names & used:
-      return None
-    used.update(names)
-    return ax
-
-  out_ax = take(out_ax)
-  batch = tuple(take(x if x is not None else y) for x, y in zip(pb[:-2], pa[:-2]))
-  in_ax = take(in_ax)
-  spec = batch + ((in_ax, out_ax) if f.layout == "flax" else (out_ax, in_ax))
-  return jax.sharding.NamedSharding(sb.mesh, jax.sharding.PartitionSpec(*spec))
-
-
-def full_moment_shardings(params, pairs: pairs_lib.PairsArg = None):
-  """Shardings of the full-mode moments (``mu`` and ``nu``) for sharded params.
-
-  ``lorapro(mode="full").init(params)`` called outside ``jax.jit`` on sharded
-  arrays already places the moments this way. Under ``jax.jit`` nothing ties
-  a freshly created moment to the params, so pass these as ``out_shardings``
-  (e.g. through ``optax.tree.map_params``, see ``examples/sharded_finetune.py``).
-
-  Args:
-    params: the parameters, as arrays or ``jax.ShapeDtypeStruct`` whose
-      ``sharding`` is a `jax.sharding.NamedSharding`.
-    pairs: as in `lorapro`.
-
-  Returns:
-    A tree with the structure of ``ScaleByLoraProFullState.mu``: each pair's A
-    slot holds the sharding of its m×n moment (out features split like B, in
-    features like A unless that mesh axis is taken), its B slot an
-    `PairedSlot`, other leaves their own sharding.
-  """
-  leaves, treedef = jax.tree.flatten(params)
-  out = [getattr(x, "sharding", None) for x in leaves]
-  for f in pairs_lib.find_pairs(params, pairs):
-    sharding = _moment_sharding(f, leaves[f.a_index], leaves[f.b_index])
-    if sharding is None:
-      raise ValueError(
-        f"The LoRA pair {pairs_lib.path_str(f.path)} has no NamedSharding on both of its leaves."
-      )
-    out[f.a_index], out[f.b_index] = sharding, PairedSlot()
-  return jax.tree.unflatten(treedef, out)
+def _is_structure_probe(params) -> bool:
+  """Whether ``params`` is an opaque pytree node without leaves (optax's
+  map_params placeholder) rather than a tree of arrays, empty or not."""
+  treedef = jax.tree.structure(params)
+  containers = (dict, list, tuple, type(None))
+  return treedef.num_leaves == 0 and treedef.num_nodes == 1 and not isinstance(params, containers)
 
 
 def lorapro(
@@ -254,9 +70,9 @@ def lorapro(
   mode: Mode = "efficient",
   x_choice: batched.XChoice = "sylvester",
   damping: float = DEFAULT_DAMPING,
-  b1: float = 0.9,
-  b2: float = 0.999,
-  eps: float = 1e-8,
+  b1: float | None = None,
+  b2: float | None = None,
+  eps: float | None = None,
   moment_dtype: jnp.dtype | None = None,
   pairs: pairs_lib.PairsArg = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -274,7 +90,7 @@ def lorapro(
   * ``mode="full"`` (Algorithm 3): Adam moments are kept on each pair's m×n
     equivalent gradient (computed with X = 0, which does not affect it); the
     Adam direction is projected back to LoRA gradients by Eq. (56) and adjusted
-    again by Theorem 2.1. Other leaves get plain Adam scaling, so
+    again by Theorem 2.1. Other leaves get ``optax.scale_by_adam``, so
     ``chain(lorapro(mode="full"), optax.scale_by_learning_rate(lr))`` is a
     complete optimizer (see `lorapro_adamw` for weight decay).
 
@@ -299,11 +115,12 @@ def lorapro(
       g^A = 0, g^B = g_lora^B (AAᵀ)⁻¹ / s²), for rank-deficient factors and for
       r > min(m, n), and changes well-conditioned problems by a relative
       O(δ·condition number). The default suits float32.
-    b1: full mode: decay of the first moment.
-    b2: full mode: decay of the second moment.
-    eps: full mode: added to the root of the second moment.
-    moment_dtype: full mode: dtype of the moments (default float32, or
-      float64 for float64 parameters; bfloat16 halves their memory).
+    b1: full mode only: decay of the first moments (default 0.9).
+    b2: full mode only: decay of the second moments (default 0.999).
+    eps: full mode only: added to the root of the second moment (default 1e-8).
+    moment_dtype: full mode only: dtype of the pair moments and of Adam's first
+      moments of other leaves (default float32, or float64 for float64
+      parameters; bfloat16 halves their memory).
     pairs: which leaves form pairs: a `LoRASpec` (default ``FLAX_NNX``:
       siblings ``lora_a`` (..., in, r) and ``lora_b`` (..., r, out)), a
       sequence of them (e.g. ``(FLAX_NNX, QWIX)``), or a callable
@@ -311,7 +128,13 @@ def lorapro(
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its ``update`` requires
-    ``params`` and raises ``ValueError`` without them.
+    ``params`` and raises ``ValueError`` without them. Efficient mode keeps
+    no state; full mode keeps a `ScaleByLoraProState`.
+
+  Raises:
+    ValueError: for an unknown mode or x_choice, a non-positive damping or eps,
+      or a full-mode option (b1, b2, eps, moment_dtype) given in efficient
+      mode, which has no moments (chain e.g. ``optax.adamw(b1=...)`` instead).
 
   Examples:
     >>> import jax.numpy as jnp, optax, lorapro_jax as lpj
@@ -328,99 +151,106 @@ def lorapro(
     <https://arxiv.org/abs/2407.18242>`_, ICLR 2025.
   """
   _check_options(mode, x_choice)
+  given = {"b1": b1, "b2": b2, "eps": eps, "moment_dtype": moment_dtype}
+  if mode == "efficient":
+    unused = sorted(k for k, v in given.items() if v is not None)
+    if unused:
+      raise ValueError(
+        f"lorapro(mode='efficient') keeps no moments, so {', '.join(unused)} would be "
+        "ignored: set them on the optimizer chained after it (e.g. optax.adamw), or use "
+        "mode='full'."
+      )
+    return _efficient(scale, x_choice, damping, pairs)
+  b1, b2, eps = (_ADAM_DEFAULTS[k] if given[k] is None else given[k] for k in ("b1", "b2", "eps"))
   for name, v in (("damping", damping), ("eps", eps)):
     _check_positive(name, v)
-  moment_dtype_of = lambda *xs: jnp.dtype(moment_dtype or batched.compute_dtype(*xs))
+  return _full(scale, x_choice, damping, b1, b2, eps, moment_dtype, pairs)
 
-  def adjusted_updates(updates, params):
-    if params is None:
-      raise ValueError(_NO_PARAMS)
-    return _Pairs.build(params, updates, scale, pairs)
 
-  if mode == "efficient":
+def _efficient(scale, x_choice, damping, pairs) -> optax.GradientTransformationExtraArgs:
+  _check_positive("damping", damping)
 
-    def update_efficient(updates, state, params=None, **extra_args):
-      del extra_args
-      P, u_leaves = adjusted_updates(updates, params)
-      out = P.write(u_leaves, batched.adjust(P.leaf, x_choice, damping))
-      return jax.tree.unflatten(jax.tree.structure(updates), out), state
-
-    return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_efficient)
-
-  def init_full(params):
-    found = pairs_lib.find_pairs(params, pairs)
-    leaves, treedef = jax.tree.flatten(params)
-    # zeros_like keeps the sharding of a concrete sharded leaf, as optax.adam does.
-    moments = [jnp.zeros_like(x, dtype=moment_dtype_of(x)) for x in leaves]
-    for f in found:
-      moments[f.a_index] = jnp.zeros(
-        _moment_shape(f),
-        moment_dtype_of(leaves[f.a_index], leaves[f.b_index]),
-        device=_moment_sharding(f, leaves[f.a_index], leaves[f.b_index]),
-      )
-      moments[f.b_index] = PairedSlot()
-    mu = jax.tree.unflatten(treedef, moments)
-    return ScaleByLoraProFullState(jnp.zeros([], jnp.int32), mu, jax.tree.map(jnp.copy, mu))
-
-  def update_full(updates, state, params=None, **extra_args):
+  def update_fn(updates, state, params=None, **extra_args):
     del extra_args
-    P, u_leaves = adjusted_updates(updates, params)
-    count = optax.safe_int32_increment(state.count)
-    mu, mu_def = jax.tree.flatten(state.mu, is_leaf=_is_slot)
-    nu = jax.tree.leaves(state.nu, is_leaf=_is_slot)
-    if len(mu) != len(u_leaves):
-      raise ValueError(
-        "The full-mode state does not match the parameters: "
-        f"{len(mu)} moment slots for {len(u_leaves)} leaves. "
-        "Re-initialise the optimizer after changing the model."
-      )
-    paired = set()
-    for f in P.found:
-      paired.update((f.a_index, f.b_index))
-    out = list(u_leaves)
-    for i, u in enumerate(u_leaves):  # ordinary Adam on leaves outside pairs
-      if i not in paired:
-        d, mu[i], nu[i] = _adam_direction(u, mu[i], nu[i], count, b1, b2, eps)
-        out[i] = d.astype(jnp.result_type(u))
+    index, p_leaves, u_leaves = _index(updates, params, pairs)
+    adjusted = batched.adjust(index.leaf_pairs(p_leaves, u_leaves, scale), x_choice, damping)
+    out = index.scatter(u_leaves, adjusted)
+    return jax.tree.unflatten(jax.tree.structure(updates), out), state
 
-    # Alg. 3 lines 6-8: equivalent gradient of the X = 0 adjustment.
-    projected = []
-    for f, p, (g_A, g_B) in zip(P.found, P.leaf, batched.adjust(P.leaf, "zero", damping)):
-      A, B = _vmap_normalise(p.A), _vmap_normalise(p.B)
-      # The moments are laid out like the adapted weight ((in, out) kernels for
-      # the flax layout), as g̃ is formed: no m×n array is transposed.
-      g_tilde = _equivalent_gradient(g_A, g_B, A, B, p.s, p.layout).reshape(_moment_shape(f))
-      # Lines 9-13: Adam on the m×n equivalent gradient.
-      d, mu[f.a_index], nu[f.a_index] = _adam_direction(
-        g_tilde, mu[f.a_index], nu[f.a_index], count, b1, b2, eps, saturating=True
+  return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)
+
+
+def _full(
+  scale, x_choice, damping, b1, b2, eps, moment_dtype, pairs
+) -> optax.GradientTransformationExtraArgs:
+  adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=moment_dtype)
+
+  def others(index: pairs_lib.PairIndex, tree) -> optax.GradientTransformation:
+    return optax.masked(adam, index.mask(tree))
+
+  def init_fn(params):
+    if _is_structure_probe(params):
+      return moments_lib.ScaleByLoraProState(
+        jnp.zeros([], jnp.int32), _NOT_PARAMS_SHAPED, optax.masked(adam, True).init(params)
       )
-      d = d.astype(p.A.dtype).reshape((-1,) + _moment_shape(f)[-2:])
-      # Lines 14-15, Eq. (56): back to LoRA gradients, s·Bᵀd = s·β·(B̂ᵀd) etc.
-      pa, pb = layout_lib.project(p.layout, d, A.hat, B.hat)
-      s3 = p.s[:, None, None]
-      projected.append(
-        p._replace(
-          g_A=eq.saturate(s3 * pa * B.scale[:, None, None]),
-          g_B=eq.saturate(s3 * pb * A.scale[:, None, None]),
-        )
+    index = pairs_lib.PairIndex.build(params, pairs)
+    leaves = jax.tree.leaves(params)
+    pair_moments = {}
+    for key, f in zip(index.keys, index.pairs):
+      a, b = leaves[f.a_index], leaves[f.b_index]
+      dtype = jnp.dtype(moment_dtype or batched.compute_dtype(a, b))
+      # Placed like the params when they are concrete sharded arrays, as
+      # optax's zeros_like moments are; under jit see `state_shardings`.
+      device = sharding_lib.weight_sharding(f, a, b)
+      pair_moments[key] = moments_lib.FullMoments(
+        *(jnp.zeros(f.weight_shape, dtype, device=device) for _ in range(2))
       )
-    # Lines 16-18: Theorem 2.1 with the chosen X.
-    out = P.write(out, batched.adjust(projected, x_choice, damping))
-    new_state = ScaleByLoraProFullState(
-      count, jax.tree.unflatten(mu_def, mu), jax.tree.unflatten(mu_def, nu)
+    return moments_lib.ScaleByLoraProState(
+      jnp.zeros([], jnp.int32), pair_moments, others(index, params).init(params)
     )
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    index, p_leaves, u_leaves = _index(updates, params, pairs)
+    if set(state.pair_moments) != set(index.keys):
+      raise ValueError(
+        f"The LoRA-Pro state holds moments of pairs {sorted(state.pair_moments)} but the "
+        f"parameters have pairs {sorted(index.keys)}. Re-initialise the optimizer after "
+        "changing the model."
+      )
+    count = optax.safe_int32_increment(state.count)
+    adam_updates, adam_state = others(index, updates).update(updates, state.adam_state, params)
+
+    leaf_pairs = index.leaf_pairs(p_leaves, u_leaves, scale)
+    zero_x = batched.adjust(leaf_pairs, "zero", damping)  # Alg. 3, lines 5-7
+    projected, pair_moments = [], {}
+    for k, (key, pair, g0) in enumerate(zip(index.keys, leaf_pairs, zero_x)):
+      m = state.pair_moments[key]
+      flat = moments_lib.FullMoments(*(index.weight_flat(x, k) for x in m))
+      new_pair, new = moments_lib.full_step(pair, g0, flat, count, b1, b2, eps)  # lines 8-15
+      projected.append(new_pair)
+      pair_moments[key] = moments_lib.FullMoments(*(x.reshape(y.shape) for x, y in zip(new, m)))
+    adjusted = batched.adjust(projected, x_choice, damping)  # lines 16-18
+    out = index.scatter(jax.tree.leaves(adam_updates), adjusted)
+    new_state = moments_lib.ScaleByLoraProState(count, pair_moments, adam_state)
     return jax.tree.unflatten(jax.tree.structure(updates), out), new_state
 
-  return optax.GradientTransformationExtraArgs(init_full, update_full)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 class LoraProWeightDecayState(NamedTuple):
+  """State of `add_lorapro_weight_decay`.
+
+  Attributes:
+    count: number of updates so far (int32), for the schedules.
+  """
+
   count: jax.Array
 
 
 def add_lorapro_weight_decay(
   learning_rate: optax.ScalarOrSchedule,
-  weight_decay: float,
+  weight_decay: optax.ScalarOrSchedule,
   pairs: pairs_lib.PairsArg = None,
 ) -> optax.GradientTransformation:
   r"""Weight decay of LoRA-Pro's full mode, Eq. (57)-(58).
@@ -433,37 +263,39 @@ def add_lorapro_weight_decay(
 
   Args:
     learning_rate: the learning rate γ or an optax schedule of the step count.
-    weight_decay: λ.
+    weight_decay: λ, or an optax schedule of the step count.
     pairs: as in `lorapro`.
 
   Returns:
     An ``optax.GradientTransformation`` that needs ``params``.
+
+  Examples:
+    >>> import optax, lorapro_jax as lpj
+    >>> decay = lpj.add_lorapro_weight_decay(1e-3, optax.linear_schedule(0.1, 0.0, 100))
   """
 
-  def init(params):
+  def init_fn(params):
     del params
     return LoraProWeightDecayState(jnp.zeros([], jnp.int32))
 
-  def update(updates, state, params=None):
+  def update_fn(updates, state, params=None):
     if params is None:
-      raise ValueError("add_lorapro_weight_decay needs params.")
-    lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
-    c_pair = weight_decay / (1 + jnp.sqrt(jnp.maximum(1 - lr * weight_decay, 0.0)))
-    paired = set()
-    for f in pairs_lib.find_pairs(params, pairs):
-      paired.update((f.a_index, f.b_index))
-    u_leaves, treedef = jax.tree.flatten(updates)
-    p_leaves = jax.tree.leaves(params)
+      raise ValueError(
+        "add_lorapro_weight_decay needs params: call update(updates, state, params)."
+      )
+    at = lambda v: v(state.count) if callable(v) else v
+    lr, wd = at(learning_rate), at(weight_decay)
+    c_pair = wd / (1 + jnp.sqrt(jnp.maximum(1 - lr * wd, 0.0)))
+    index, p_leaves, u_leaves = _index(updates, params, pairs)
+    paired = index.paired
     out = [
-      (u + (c_pair if i in paired else weight_decay) * p).astype(jnp.result_type(u))
+      (u + (c_pair if i in paired else wd) * p).astype(jnp.result_type(u))
       for i, (u, p) in enumerate(zip(u_leaves, p_leaves))
     ]
-    return (
-      jax.tree.unflatten(treedef, out),
-      LoraProWeightDecayState(optax.safe_int32_increment(state.count)),
-    )
+    new_state = LoraProWeightDecayState(optax.safe_int32_increment(state.count))
+    return jax.tree.unflatten(jax.tree.structure(updates), out), new_state
 
-  return optax.GradientTransformation(init, update)
+  return optax.GradientTransformation(init_fn, update_fn)
 
 
 def lorapro_adamw(
@@ -471,7 +303,7 @@ def lorapro_adamw(
   *,
   scale: ScaleArg = 1.0,
   mode: Mode = "efficient",
-  weight_decay: float = 1e-4,
+  weight_decay: optax.ScalarOrSchedule = 1e-4,
   b1: float = 0.9,
   b2: float = 0.999,
   eps: float = 1e-8,
@@ -484,7 +316,8 @@ def lorapro_adamw(
   r"""LoRA-Pro with AdamW: Algorithm 2 (efficient) or Algorithm 3 (full).
 
   * efficient: ``chain(lorapro(...), optax.adamw(...))``: Adam moments on A and
-    B, and AdamW's decoupled weight decay on A and B (and on other leaves).
+    B (in ``moment_dtype``, optax's ``mu_dtype``), and AdamW's decoupled weight
+    decay on A and B (and on other leaves).
   * full: Adam moments on each pair's m×n equivalent gradient, then Eq. (57)-(58)
     weight decay: A and B are multiplied by √(1 - γλ), so that s·B·A decays by
     (1 - γλ) like a fully fine-tuned weight. The frozen W0 would also decay by
@@ -495,9 +328,11 @@ def lorapro_adamw(
     learning_rate: a float or an optax schedule.
     scale: LoRA scaling s, as in `lorapro`.
     mode: "efficient" or "full".
-    weight_decay: λ.
+    weight_decay: λ, a float or an optax schedule.
     b1, b2, eps: Adam hyperparameters.
-    x_choice, damping, moment_dtype, pairs: as in `lorapro`.
+    x_choice, damping, pairs: as in `lorapro`.
+    moment_dtype: dtype of the first moments (full mode: and of the pairs'
+      second moments); default float32 (float64 for float64 parameters).
     mask: which leaves get weight decay (a tree of booleans or a callable), as
       in ``optax.adamw``. A mask must not split a LoRA pair.
 
@@ -516,7 +351,15 @@ def lorapro_adamw(
   if mode == "efficient":
     return optax.chain(
       lorapro(scale, mode="efficient", x_choice=x_choice, damping=damping, pairs=pairs),
-      optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask),
+      optax.adamw(
+        learning_rate,
+        b1=b1,
+        b2=b2,
+        eps=eps,
+        weight_decay=weight_decay,
+        mask=mask,
+        mu_dtype=moment_dtype,
+      ),
     )
   decay = add_lorapro_weight_decay(learning_rate, weight_decay, pairs)
   if mask is not None:
@@ -524,7 +367,7 @@ def lorapro_adamw(
   return optax.chain(
     lorapro(
       scale,
-      mode="full",
+      mode=mode,
       x_choice=x_choice,
       damping=damping,
       b1=b1,

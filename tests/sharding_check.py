@@ -10,7 +10,8 @@ full), in float32 (with LORAPRO_SHARDING_X64=1 also FSDP full mode in float64), 
 gradients and optimizer state sharded on a `jax.sharding.Mesh`, and records
 
 * the largest difference from the same steps on a single device,
-* the shardings of the updates and of the full-mode moments (after eager
+* the shardings of the updates and of the full-mode moments, pair moments and
+  the head's Adam moments (after eager
   init, after jitted init with ``out_shardings``, and after the steps),
 * every collective in the compiled update's HLO (``compiled.as_text()``) with
   its result shape(s).
@@ -131,8 +132,6 @@ def make_tx(mode):
 
 
 def spec_of(x):
-  if isinstance(x, lpj.PairedSlot):
-    return "paired-slot"
   s = x.sharding
   return (
     [list(a) if isinstance(a, tuple) else a for a in s.spec]
@@ -142,7 +141,31 @@ def spec_of(x):
 
 
 def moment_specs(state):
-  return jax.tree.map(spec_of, state[0].mu, is_leaf=lambda x: isinstance(x, lpj.PairedSlot))
+  """Specs of the full mode's moments: each pair's m×n first moment (its
+  second is checked to match) and the Adam moment of the non-LoRA head."""
+  lorapro_state = state[0]
+  out = {}
+  for key, moments in lorapro_state.pair_moments.items():
+    assert spec_of(moments.mu) == spec_of(moments.nu), key
+    out[key] = spec_of(moments.mu)
+  out["head"] = spec_of(lorapro_state.adam_state.inner_state.mu["head"])
+  return out
+
+
+def dp_state_shardings(tx, params, mesh):
+  """ZeRO-style data parallelism: replicated params, every moment split over
+  the data axis (a user choice, given through out_shardings)."""
+  specs = {k: NamedSharding(mesh, v) for k, v in DP_MOMENT_SPECS.items()}
+
+  def place(path, sharding):
+    keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+    if "pair_moments" in keys:
+      return specs[keys[keys.index("pair_moments") + 1]]
+    if keys[-1:] == ["head"] and ("mu" in keys or "nu" in keys):
+      return specs["head"]
+    return sharding
+
+  return jax.tree_util.tree_map_with_path(place, lpj.state_shardings(tx, params))
 
 
 def collectives(hlo: str):
@@ -181,26 +204,13 @@ def run_case(name, mode, dtype):
 
   params = jax.device_put(host, shardings)
   report = {"layout": name, "mode": mode, "dtype": np.dtype(dtype).name}
-  replicated = NamedSharding(mesh, P())
   if mode == "full":
     report["moments_eager_init"] = moment_specs(tx.init(params))
     # Under jit, freshly created zeros have no tie to the params: pass shardings.
-    moment_sh = lpj.full_moment_shardings(params)
-    if name == "dp":  # ZeRO-style: split the replicated params' moments over "data"
-      moment_sh = {
-        k: NamedSharding(mesh, v)
-        if k == "head"
-        else {"lora_a": NamedSharding(mesh, v), "lora_b": lpj.PairedSlot()}
-        for k, v in DP_MOMENT_SPECS.items()
-      }
-    state_sh = optax.tree.map_params(
-      tx,
-      lambda _, s: s,
-      jax.eval_shape(tx.init, params),
-      moment_sh,
-      transform_non_params=lambda _: replicated,
-      is_leaf=lambda x: isinstance(x, lpj.PairedSlot),
-    )
+    if name == "dp":
+      state_sh = dp_state_shardings(tx, params, mesh)
+    else:
+      state_sh = lpj.state_shardings(tx, params)
     state = jax.jit(tx.init, out_shardings=state_sh)(params)
     report["moments_jit_init"] = moment_specs(state)
   else:

@@ -157,44 +157,47 @@ def test_clip_by_global_norm_before_lorapro():
 
 @pytest.mark.parametrize("mode", MODES)
 def test_map_params_over_the_state(mode):
-  """optax.tree.map_params reaches every params-like tree in the state: in the
-  full mode the m×n moments at A slots and the head's Adam moments; the B
-  slots' PairedSlot placeholders have no leaves and are kept."""
+  """optax.tree.map_params reaches every params-shaped tree in the state (the
+  head's Adam moments, masked at the pair leaves in full mode); the full
+  mode's pair moments are keyed by pair, not params-shaped, so they go to
+  transform_non_params, as one tree, like the step counts."""
   params = _params()
   tx = _lorapro_tx(mode)
   state = tx.init(params)
   mapped = optax.tree.map_params(
-    tx, lambda x: jnp.full_like(x, 7.0), state, transform_non_params=lambda x: x
+    tx,
+    lambda x: jnp.full_like(x, 7.0),
+    state,
+    transform_non_params=lambda x: jax.tree.map(lambda y: jnp.full_like(y, 3), x),
   )
   assert jax.tree.structure(mapped) == jax.tree.structure(state)
-  params_like = [x for x in jax.tree.leaves(mapped) if x.ndim > 0]
-  assert params_like and all(np.all(np.asarray(x) == 7.0) for x in params_like)
+  adam = mapped[0].adam_state.inner_state if mode == "full" else mapped[1][0]
+  assert isinstance(adam, optax.ScaleByAdamState)
+  assert np.all(np.asarray(adam.mu["head"]) == 7.0)
+  assert np.all(np.asarray(adam.nu["head"]) == 7.0)
+  assert int(adam.count) == 3
   if mode == "full":
-    mu = mapped[0].mu
-    assert mu["encoder"]["lora_a"].shape == (6, 5)
-    assert isinstance(mu["encoder"]["lora_b"], lpj.PairedSlot)
-    assert int(mapped[0].count) == 0
+    assert isinstance(adam.mu["encoder"]["lora_a"], optax.MaskedNode)
+    moments = mapped[0].pair_moments["encoder"]
+    assert moments.mu.shape == (6, 5)
+    assert np.all(np.asarray(moments.mu) == 3)
   tx.update(_grads(params), mapped, params)  # the mapped state is still usable
 
-  # With a params-shaped second tree (e.g. shardings), PairedSlot must be a leaf.
+
+@pytest.mark.parametrize("mode", MODES)
+def test_state_shardings_for_jitted_init(mode):
+  """lpj.state_shardings gives out_shardings for jax.jit(tx.init): params-shaped
+  state like the params, pair moments like the adapted weight."""
+  params = _params()
   mesh = Mesh(np.array(jax.devices()[:1]), ("x",))
   spec = lambda x: NamedSharding(mesh, P(*([None] * (x.ndim - 1) + ["x"])))
   sharded = jax.device_put(params, jax.tree.map(spec, params))
-  moment_sh = (
-    lpj.full_moment_shardings(sharded)
-    if mode == "full"
-    else jax.tree.map(lambda x: x.sharding, sharded)
-  )
-  state_sh = optax.tree.map_params(
-    tx,
-    lambda _, s: s,
-    jax.eval_shape(tx.init, sharded),
-    moment_sh,
-    transform_non_params=lambda _: NamedSharding(mesh, P()),
-    is_leaf=lambda x: isinstance(x, lpj.PairedSlot),
-  )
+  tx = _lorapro_tx(mode)
+  state_sh = lpj.state_shardings(tx, sharded)
   state = jax.jit(tx.init, out_shardings=state_sh)(sharded)
   assert jax.tree.structure(state) == jax.tree.structure(tx.init(params))
+  if mode == "full":
+    assert state_sh[0].pair_moments == lpj.full_moment_shardings(sharded)
 
 
 def test_inject_hyperparams_for_lorapro():

@@ -162,9 +162,9 @@ def test_optimizer_updates_only_lora_params_and_keeps_structure():
   np.testing.assert_array_equal(model.l1.kernel[...], kernel0)
   assert float(jnp.abs(model.l1.lora.lora_b[...]).max()) > 0
   full_state = nnx.as_pure(nnx.state(optimizer.opt_state))[0]
-  mu = full_state["mu"] if isinstance(full_state, dict) else full_state.mu
-  assert mu["l1"]["lora"]["lora_a"].shape == (N_IN, OUT1)
-  assert mu["l2"]["lora_a"].shape == (N_IN, OUT2)
+  moments = full_state["pair_moments"]
+  assert moments["l1/lora"]["mu"].shape == (N_IN, OUT1)
+  assert moments["l2"]["nu"].shape == (N_IN, OUT2)
 
 
 if __name__ == "__main__":  # prints the margins: python tests/test_nnx_end_to_end.py

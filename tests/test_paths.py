@@ -2,8 +2,8 @@
 
 Both must give Theorem 2.1's gradients (checked against the float64 NumPy
 reference); the normalised one must be taken exactly when raw float32
-products cannot be trusted. Under ``jax.disable_jit`` a ``lax.cond`` runs one
-Python branch, so a spy on the fallback shows which path ran.
+products cannot be trusted. `batched.record_paths` shows which path ran, in
+compiled code and op by op (``jax.disable_jit``) alike.
 """
 
 from __future__ import annotations
@@ -22,17 +22,17 @@ DAMPING = 1e-6
 
 
 @pytest.fixture
-def fallback_calls(monkeypatch):
-  calls = []
-  original = batched._normalised_path
+def eager_paths():
+  """Op by op: the paths taken, True for raw."""
+  with jax.disable_jit(), batched.record_paths() as log:
+    yield log
 
-  def spy(*args, **kwargs):
-    calls.append(1)
-    return original(*args, **kwargs)
 
-  monkeypatch.setattr(batched, "_normalised_path", spy)
-  with jax.disable_jit():
-    yield calls
+@pytest.fixture
+def compiled_paths():
+  """Compiled: the paths taken, True for raw."""
+  with batched.record_paths() as log:
+    yield log
 
 
 def _reference(A, B, g_A, g_B, s, x_choice):
@@ -71,12 +71,12 @@ def _rel_err(got, want):
 
 @pytest.mark.parametrize("x_choice", X_CHOICES)
 @pytest.mark.parametrize("layout", ("flax", "paper"))
-def test_raw_path_for_ordinary_inputs(fallback_calls, layout, x_choice):
+def test_raw_path_for_ordinary_inputs(compiled_paths, layout, x_choice):
   rng = np.random.default_rng(1)
   A, B, g = (x.astype(np.float32) for x in random_pair(rng, 9, 7, 3))
   g_A, g_B = (x.astype(np.float32) for x in ref.lora_gradients(g, A, B, 1.5))
   got = run_lorapro(A, B, g_A, g_B, 1.5, layout, damping=DAMPING, x_choice=x_choice)
-  assert not fallback_calls
+  assert compiled_paths == [True]
   assert _rel_err(got, _reference(A, B, g_A, g_B, 1.5, x_choice)) < 1e-4
 
 
@@ -111,18 +111,19 @@ def _check_extreme(case, x_choice):
 
 @pytest.mark.parametrize("x_choice", X_CHOICES)
 @pytest.mark.parametrize("case", sorted(EXTREMES))
-def test_normalised_path_for_extreme_inputs(fallback_calls, case, x_choice):
+def test_normalised_path_for_extreme_inputs(eager_paths, case, x_choice):
   _check_extreme(case, x_choice)
-  assert fallback_calls, "the raw path was taken for float32-unsafe inputs"
+  assert eager_paths == [False], "the raw path was taken for float32-unsafe inputs"
 
 
 @pytest.mark.parametrize("x_choice", X_CHOICES)
 @pytest.mark.parametrize("case", sorted(EXTREMES))
-def test_extreme_inputs_compiled(case, x_choice):
+def test_extreme_inputs_compiled(compiled_paths, case, x_choice):
   """The same, compiled: XLA rewrites some expressions (e.g. (x/a)/b as
   x/(a·b)), so eager results prove nothing about the jitted update. These
   shapes did not expose the rewrites found so far; the rank-1 cases below do."""
   _check_extreme(case, x_choice)
+  assert compiled_paths == [False]
 
 
 # Rank 1 with m or n = 1, gradients of the scaled factors: compiled, XLA turns
@@ -154,7 +155,7 @@ def test_compiled_rank_one_with_extreme_scales(m, n, a, b, x_choice):
   assert _rel_err(*_run_float32(A, B, *ref.lora_gradients(g, A, B, 1.5), x_choice)) < 1e-5
 
 
-def test_nan_gradient_falls_back_and_propagates_per_slice(fallback_calls):
+def test_nan_gradient_falls_back_and_propagates_per_slice(eager_paths):
   rng = np.random.default_rng(3)
   A, B, g = random_pair(rng, 6, 5, 2)
   A, B, g = (np.stack([x, 2 * x]).astype(np.float32) for x in (A, B, g))
@@ -165,7 +166,25 @@ def test_nan_gradient_falls_back_and_propagates_per_slice(fallback_calls):
     *(jnp.asarray(x) for x in (A, B, g_A, g_B)), jnp.ones(2, jnp.float32), "paper"
   )
   [(out_A, out_B)] = batched.adjust([pair], "sylvester", DAMPING)
-  assert fallback_calls
+  assert eager_paths == [False]
   assert np.isnan(out_A[1]).all() and np.isnan(out_B[1]).all()
   want = _reference(A[0], B[0], g_A[0], g_B[0], 1.0, "sylvester")
   assert _rel_err((out_A[0], out_B[0]), want) < 1e-4
+
+
+def test_one_bucket_per_rank_and_dtype(compiled_paths):
+  """Pairs of one rank share one decision; another rank gets its own. Here
+  the rank-2 bucket holds a B = 0 pair (normalised) and the rank-3 one does
+  not (raw)."""
+  rng = np.random.default_rng(4)
+  make = lambda m, n, r: (
+    jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((n, r), (r, m))
+  )
+  pairs = []
+  for m, n, r, zero_b in ((6, 5, 2, True), (7, 4, 2, False), (8, 6, 3, False)):
+    a, b = make(m, n, r)
+    b = b * 0 if zero_b else b
+    ga, gb = make(m, n, r)
+    pairs.append(batched.LeafPair(a[None], b[None], ga[None], gb[None], jnp.ones(1), "flax"))
+  jax.jit(lambda ps: batched.adjust(ps, "sylvester", DAMPING))(pairs)
+  assert sorted(compiled_paths) == [False, True]

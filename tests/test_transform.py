@@ -77,8 +77,14 @@ def test_full_mode_matches_algorithm_3(x64, layout, x_choice):
   assert int(state[0].count) == steps
 
 
+def _moments64(mode):
+  """float64 moments where the mode has moments (efficient mode rejects the option)."""
+  return {"moment_dtype": jnp.float64} if mode != "efficient" else {}
+
+
 def test_full_mode_state_layout_and_dtypes():
-  """Moments: m×n, laid out like the adapted weight, in the A slot; B slot masked."""
+  """Pair moments: m×n, laid out like the adapted weight, keyed by the pair's
+  path; the other leaves get optax.scale_by_adam's state, masked at pairs."""
   L, n, r, m = 3, 6, 2, 5
   params = {
     "flax": {"lora_a": jnp.zeros((L, n, r)), "lora_b": jnp.zeros((L, r, m))},
@@ -86,19 +92,27 @@ def test_full_mode_state_layout_and_dtypes():
     "other": jnp.zeros((4,)),
   }
   state = lpj.lorapro(mode="full", pairs=(lpj.FLAX_NNX, lpj.PEFT)).init(params)
-  assert isinstance(state, lpj.ScaleByLoraProFullState)
-  for mom in (state.mu, state.nu):
-    chex.assert_shape(mom["flax"]["lora_a"], (L, n, m))  # (..., in, out) like a kernel
-    chex.assert_shape(mom["peft"]["lora_A"], (m, n))  # (out, in) like a torch weight
-    assert isinstance(mom["flax"]["lora_b"], lpj.PairedSlot)
-    assert isinstance(mom["peft"]["lora_B"], lpj.PairedSlot)
+  assert isinstance(state, lpj.ScaleByLoraProState)
+  assert set(state.pair_moments) == {"flax", "peft"}
+  for mom in state.pair_moments.values():
+    assert isinstance(mom, lpj.FullMoments)
+  for x in state.pair_moments["flax"]:
+    chex.assert_shape(x, (L, n, m))  # (..., in, out) like a kernel
+  for x in state.pair_moments["peft"]:
+    chex.assert_shape(x, (m, n))  # (out, in) like a torch weight
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.pair_moments))
+  adam = state.adam_state.inner_state
+  assert isinstance(adam, optax.ScaleByAdamState)
+  for mom in (adam.mu, adam.nu):
+    assert isinstance(mom["flax"]["lora_a"], optax.MaskedNode)
+    assert isinstance(mom["peft"]["lora_B"], optax.MaskedNode)
     chex.assert_shape(mom["other"], (4,))
-    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(mom))
   half = lpj.lorapro(mode="full", moment_dtype=jnp.bfloat16, pairs=(lpj.FLAX_NNX, lpj.PEFT)).init(
     params
   )
-  nbytes = lambda st: sum(x.nbytes for x in jax.tree.leaves((st.mu, st.nu)))
-  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves((half.mu, half.nu)))
+  nbytes = lambda st: sum(x.nbytes for x in jax.tree.leaves(st.pair_moments))
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(half.pair_moments))
+  assert half.adam_state.inner_state.mu["other"].dtype == jnp.bfloat16
   assert 2 * nbytes(half) == nbytes(state)
 
 
@@ -112,7 +126,7 @@ def test_full_mode_bfloat16_moments_train(rng):
       lpj.lorapro(s, mode="full", moment_dtype=dt), optax.scale_by_learning_rate(1e-2)
     )
     got, state = _train(tx, A0.astype(np.float32), B0.astype(np.float32), fg, 4, s, "flax")
-    assert state[0].mu["layer"]["lora_a"].dtype == dt
+    assert state[0].pair_moments["layer"].mu.dtype == dt
     res[dt] = got[-1]
   np.testing.assert_allclose(res[jnp.bfloat16][1], res[jnp.float32][1], rtol=0.05, atol=1e-3)
 
@@ -265,7 +279,7 @@ def test_stacked_leaves_equal_per_slice(x64, mode, batch):
   ga = rng.standard_normal(batch + (n, r))
   gb = rng.standard_normal(batch + (r, m))
   ga[(0,) * len(batch)] = 0.0  # g_lora^A = s·Bᵀg vanishes with B, as autodiff gives it
-  tx = lpj.lorapro(s, mode=mode, damping=TINY_DAMPING, moment_dtype=jnp.float64)
+  tx = lpj.lorapro(s, mode=mode, damping=TINY_DAMPING, **_moments64(mode))
   params = {"l": {"lora_a": jnp.asarray(a), "lora_b": jnp.asarray(b)}}
   grads = {"l": {"lora_a": jnp.asarray(ga), "lora_b": jnp.asarray(gb)}}
   st = tx.init(params)
@@ -321,8 +335,8 @@ def test_mixed_pairs_in_one_tree_equal_reference_per_pair(x64, mode, x_choice):
     mode=mode,
     x_choice=x_choice,
     damping=TINY_DAMPING,
-    moment_dtype=jnp.float64,
     pairs=(lpj.FLAX_NNX, lpj.PEFT),
+    **_moments64(mode),
   )
   jp, jg = jax.tree.map(jnp.asarray, params), jax.tree.map(jnp.asarray, grads)
   u, _ = tx.update(jg, tx.init(jp), jp)
@@ -580,7 +594,7 @@ def test_one_dimensional_leaf_raises():
 
 
 def test_bad_options_raise():
-  with pytest.raises(ValueError, match="mode must be 'efficient' or 'full', got 'fast'"):
+  with pytest.raises(ValueError, match=r"mode must be one of \('efficient', 'full'\), got 'fast'"):
     lpj.lorapro(mode="fast")
   with pytest.raises(ValueError, match=r"x_choice must be one of .*got 'eig'"):
     lpj.lorapro(x_choice="eig")
@@ -590,6 +604,55 @@ def test_bad_options_raise():
     lpj.lorapro_adamw(1e-3, x_choice="eig")
   with pytest.raises(ValueError, match="damping must be positive"):
     lpj.lorapro(damping=0.0)
+  with pytest.raises(ValueError, match="eps must be positive"):
+    lpj.lorapro(mode="full", eps=0.0)
+
+
+@pytest.mark.parametrize(
+  "option", [{"b1": 0.9}, {"b2": 0.99}, {"eps": 1e-8}, {"moment_dtype": jnp.bfloat16}]
+)
+def test_efficient_mode_rejects_moment_options(option):
+  """Efficient mode keeps no moments: an option it would ignore raises, naming it."""
+  with pytest.raises(ValueError, match=f"keeps no moments, so {next(iter(option))} would"):
+    lpj.lorapro(mode="efficient", **option)
+  lpj.lorapro(mode="full", **option)  # where it is used, it is accepted
+
+
+def test_lorapro_adamw_efficient_moment_dtype_is_adamw_mu_dtype():
+  params = {"l": {"lora_a": jnp.ones((4, 2)), "lora_b": jnp.ones((2, 3))}}
+  state = lpj.lorapro_adamw(1e-3, moment_dtype=jnp.bfloat16).init(params)
+  adam = state[1][0]
+  assert isinstance(adam, optax.ScaleByAdamState)
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(adam.mu))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(adam.nu))
+
+
+@pytest.mark.parametrize("mode", ["efficient", "full"])
+def test_weight_decay_schedule(mode):
+  """weight_decay may be a schedule, as in optax: a schedule that is constant
+  gives exactly the updates of that constant."""
+  rng = np.random.default_rng(3)
+  params = {
+    "l": {"lora_a": jnp.asarray(rng.standard_normal((4, 2))), "lora_b": jnp.ones((2, 3))},
+    "bias": jnp.ones((3,)),
+  }
+  grads = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), p.dtype), params)
+  const = lpj.lorapro_adamw(1e-2, mode=mode, weight_decay=0.3)
+  sched = lpj.lorapro_adamw(1e-2, mode=mode, weight_decay=optax.constant_schedule(0.3))
+  zero = lpj.lorapro_adamw(1e-2, mode=mode, weight_decay=optax.linear_schedule(0.3, 0.0, 1))
+  run = lambda tx, k: _steps(tx, params, grads, k)
+  jax.tree.map(np.testing.assert_array_equal, run(const, 2), run(sched, 2))
+  # A schedule is read at each step: decayed to 0 after one step, the second
+  # step of the linear schedule differs from the constant's.
+  assert not np.allclose(run(zero, 2)["bias"], run(const, 2)["bias"])
+
+
+def _steps(tx, params, grads, k):
+  state = tx.init(params)
+  for _ in range(k):
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  return params
 
 
 def test_pairs_callable_with_nonexistent_path_raises():
