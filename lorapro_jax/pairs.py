@@ -13,6 +13,7 @@ results back, moment shapes, per-pair scales and state keys.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any, NamedTuple
 
@@ -72,15 +73,37 @@ class FoundPair:
   b_path: Path
   layout: Layout
   batch_shape: tuple[int, ...]
-  m: int  # out features (rows of the paper's B and W)
-  n: int  # in features (columns of the paper's A and W)
+  out_shape: tuple[int, ...]  # out-feature axes (the rows of the paper's B and W)
+  in_shape: tuple[int, ...]  # in-feature axes (the columns of the paper's A and W)
   r: int
+
+  @property
+  def m(self) -> int:
+    """Out features, all out-feature axes together."""
+    return math.prod(self.out_shape)
+
+  @property
+  def n(self) -> int:
+    """In features, all in-feature axes together."""
+    return math.prod(self.in_shape)
 
   @property
   def weight_shape(self) -> tuple[int, ...]:
     """Shape of the adapted weight, as its m×n moments are stored: the kernel's
     ``(..., in, out)`` for the flax layout, ``(..., out, in)`` for the paper's."""
-    return self.batch_shape + ((self.n, self.m) if self.layout == "flax" else (self.m, self.n))
+    if self.layout == "flax":
+      return self.batch_shape + self.in_shape + self.out_shape
+    return self.batch_shape + self.out_shape + self.in_shape
+
+  @property
+  def out_vector_shape(self) -> tuple[int, ...]:
+    """Shape of a per-out-feature vector (an m-vector per batch slice)."""
+    return self.batch_shape + self.out_shape
+
+  @property
+  def in_vector_shape(self) -> tuple[int, ...]:
+    """Shape of a per-in-feature vector (an n-vector per batch slice)."""
+    return self.batch_shape + self.in_shape
 
 
 def _key_name(k) -> Hashable:
@@ -174,7 +197,7 @@ def find_pairs(params, pairs: PairsArg = None) -> list[FoundPair]:
         )
       used[i] = parent
     batch, m, n, r = _dims(shape(ia), shape(ib), layout, a_path, b_path)
-    found.append(FoundPair(ia, ib, parent, a_path, b_path, layout, batch, m, n, r))
+    found.append(FoundPair(ia, ib, parent, a_path, b_path, layout, batch, (m,), (n,), r))
 
   if callable(pairs) and not isinstance(pairs, LoRASpec):
     for pair in pairs(params):
