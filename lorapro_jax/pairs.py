@@ -1,8 +1,17 @@
 """Finding LoRA (A, B) pairs in a parameter pytree, and the index built from them.
 
 A pair is two sibling leaves. `LoRASpec` names them and says how they are laid
-out, in the spirit of optax's `MuonDimensionNumbers`: all axes before the last
-two are batch axes (stacked or scanned layers, experts).
+out, in the spirit of optax's `MuonDimensionNumbers`. In the flax layout
+``a`` is (batch…, in…, r) and ``b`` is (batch…, r, out…): the rank axis is the
+last axis of ``a`` and the first non-batch axis of ``b``; the paper layout is
+the mirror image, ``A`` (batch…, r, in…) and ``B`` (batch…, out…, r). Batch
+axes (stacked or scanned layers, experts) lead both leaves; in- and
+out-features may span several axes (an einsum kernel's (heads, head_dim)),
+and the pair is adjusted as the 2-D pair with n = ∏in… and m = ∏out….
+
+How many axes are batch axes is read from the shapes where only one number
+fits (`readings`), or given as ``batch_axes``; where several fit, finding the
+pairs raises and asks for it.
 
 `PairIndex` is the flattened-tree bookkeeping that every transformation
 shares: which leaves are paired, gathering a pair's leaves as
@@ -15,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Hashable, Iterable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +37,9 @@ from lorapro_jax.layout import Layout
 Path = tuple[Hashable, ...]
 
 
+BatchAxes = int | Callable[[Path], int | None] | None
+
+
 class LoRASpec(NamedTuple):
   """How to recognise one kind of LoRA pair by leaf names.
 
@@ -35,15 +47,20 @@ class LoRASpec(NamedTuple):
     a_name: name of the A leaf, matched against the end of a leaf's path; use
       "/" to match several trailing keys (e.g. "lora_A/weight").
     b_name: name of the B leaf, which must sit at the same parent path.
-    layout: "flax" for ``a (..., in, r)`` and ``b (..., r, out)`` (the delta
-      kernel is ``s · a @ b``, as in ``flax.nnx.LoRA``, Qwix and Flax Linen);
-      "paper" for ``A (..., r, in)`` and ``B (..., out, r)`` (the delta weight
-      is ``s · B @ A``, as in the paper and PyTorch/PEFT).
+    layout: "flax" for ``a (batch…, in…, r)`` and ``b (batch…, r, out…)``
+      (the delta kernel is ``s · a @ b``, as in ``flax.nnx.LoRA``, Qwix and
+      Flax Linen); "paper" for ``A (batch…, r, in…)`` and ``B (batch…, out…,
+      r)`` (the delta weight is ``s · B @ A``, as in the paper and PEFT).
+    batch_axes: how many leading axes of both leaves are batch axes (stacked
+      or scanned layers, experts). None (default): read from the shapes,
+      which raises where more than one number fits (see `readings`). A
+      callable ``parent path -> int | None`` gives it per pair.
   """
 
   a_name: str = "lora_a"
   b_name: str = "lora_b"
   layout: Layout = "flax"
+  batch_axes: BatchAxes = None
 
 
 FLAX_NNX = LoRASpec("lora_a", "lora_b", "flax")
@@ -52,11 +69,13 @@ PEFT = LoRASpec("lora_A", "lora_B", "paper")
 
 
 class LoRAPair(NamedTuple):
-  """One pair, by the (normalised) key paths of its two leaves."""
+  """One pair, by the (normalised) key paths of its two leaves; ``batch_axes``
+  as in `LoRASpec` (None: read from the shapes)."""
 
   a_path: Path
   b_path: Path
   layout: Layout = "flax"
+  batch_axes: int | None = None
 
 
 PairsArg = LoRASpec | Sequence[LoRASpec] | Callable[[Any], Iterable[LoRAPair]] | None
@@ -94,6 +113,40 @@ class FoundPair:
     if self.layout == "flax":
       return self.batch_shape + self.in_shape + self.out_shape
     return self.batch_shape + self.out_shape + self.in_shape
+
+  @property
+  def a_shape(self) -> tuple[int, ...]:
+    """Shape of the A leaf: (batch…, in…, r) flax, (batch…, r, in…) paper."""
+    if self.layout == "flax":
+      return self.batch_shape + self.in_shape + (self.r,)
+    return self.batch_shape + (self.r,) + self.in_shape
+
+  @property
+  def b_shape(self) -> tuple[int, ...]:
+    """Shape of the B leaf: (batch…, r, out…) flax, (batch…, out…, r) paper."""
+    if self.layout == "flax":
+      return self.batch_shape + (self.r,) + self.out_shape
+    return self.batch_shape + self.out_shape + (self.r,)
+
+  @property
+  def num_slices(self) -> int:
+    """N, the batch axes together."""
+    return math.prod(self.batch_shape)
+
+  @property
+  def flat_a_shape(self) -> tuple[int, int, int]:
+    """A as `batched.LeafPair` holds it: (N, n, r) flax, (N, r, n) paper."""
+    return (self.num_slices,) + ((self.n, self.r) if self.layout == "flax" else (self.r, self.n))
+
+  @property
+  def flat_b_shape(self) -> tuple[int, int, int]:
+    """B as `batched.LeafPair` holds it: (N, r, m) flax, (N, m, r) paper."""
+    return (self.num_slices,) + ((self.r, self.m) if self.layout == "flax" else (self.m, self.r))
+
+  @property
+  def flat_weight_shape(self) -> tuple[int, int, int]:
+    """`weight_shape` as the equations use it: (N, n, m) flax, (N, m, n) paper."""
+    return (self.num_slices,) + ((self.n, self.m) if self.layout == "flax" else (self.m, self.n))
 
   @property
   def out_vector_shape(self) -> tuple[int, ...]:
@@ -150,27 +203,125 @@ def _name_matches(path: Path, suffix: tuple[str, ...]) -> bool:
   return len(path) >= len(suffix) and tuple(str(p) for p in path[-len(suffix) :]) == suffix
 
 
-def _dims(a_shape, b_shape, layout: Layout, a_path: Path, b_path: Path):
-  """(batch_shape, m, n, r) of a pair, or a ValueError naming both leaves."""
+class Reading(NamedTuple):
+  """One way to read a pair's shapes: its batch, out- and in-feature axes, rank."""
+
+  batch_shape: tuple[int, ...]
+  out_shape: tuple[int, ...]
+  in_shape: tuple[int, ...]
+  r: int
+
+
+_LAYOUT_DOC = {
+  "flax": "a (batch…, in…, r), b (batch…, r, out…)",
+  "paper": "A (batch…, r, in…), B (batch…, out…, r)",
+}
+
+
+def _reading(a_shape, b_shape, layout: Layout, k: int) -> Reading:
+  """The reading with k batch axes (unchecked)."""
+  if layout == "flax":  # a (batch, in…, r), b (batch, r, out…)
+    return Reading(a_shape[:k], b_shape[k + 1 :], a_shape[k:-1], a_shape[-1])
+  return Reading(a_shape[:k], b_shape[k:-1], a_shape[k + 1 :], b_shape[-1])  # paper
+
+
+def _rank_axes(a_shape, b_shape, layout: Layout) -> tuple[int, tuple[int, ...]]:
+  """The rank (the last axis of a, flax, or of B, paper) and, for k = 0, 1, …,
+  the other leaf's axis k, which is its rank axis if there are k batch axes."""
+  ks = range(min(len(a_shape), len(b_shape)) - 1)  # at least one in- and one out-axis
+  if layout == "flax":
+    return a_shape[-1], tuple(b_shape[k] for k in ks)
+  return b_shape[-1], tuple(a_shape[k] for k in ks)
+
+
+def readings(a_shape, b_shape, layout: Layout) -> dict[int, Reading]:
+  """Every number k of batch axes that the shapes of a pair allow, and its reading.
+
+  k fits when both leaves agree on their first k axes, the rank axis (a's
+  last, flax; B's last, paper) equals the other leaf's axis k, and at least
+  one in- and one out-feature axis remain. For a (L, 16, 3), b (L, 3, 24) in
+  the flax layout only k = 1 fits unless L = 3; with L = 3, k = 0 (in (3,
+  16), out (3, 24)) fits too, and the number must be given.
+
+  Examples:
+    >>> {k: (x.in_shape, x.out_shape) for k, x in readings((16, 3), (3, 4, 8), "flax").items()}
+    {0: ((16,), (4, 8))}
+    >>> sorted(readings((3, 16, 3), (3, 3, 24), "flax"))
+    [0, 1]
+  """
+  a_shape, b_shape = tuple(a_shape), tuple(b_shape)
+  if layout not in _LAYOUT_DOC:
+    return {}
+  r, axes = _rank_axes(a_shape, b_shape, layout)
+  return {
+    k: _reading(a_shape, b_shape, layout, k)
+    for k, ax in enumerate(axes)
+    if a_shape[:k] == b_shape[:k] and ax == r
+  }
+
+
+def _describe(k: int, x: Reading) -> str:
+  return f"batch_axes={k}: batch {x.batch_shape}, in {x.in_shape}, out {x.out_shape}, r {x.r}"
+
+
+def _dims(a_shape, b_shape, layout: Layout, a_path: Path, b_path: Path, batch_axes=None):
+  """The `Reading` of a pair, or a ValueError naming both leaves."""
+  a_shape, b_shape = tuple(int(d) for d in a_shape), tuple(int(d) for d in b_shape)
   where = (
-    f"LoRA pair A={path_str(a_path)} {tuple(a_shape)}, "
-    f"B={path_str(b_path)} {tuple(b_shape)} (layout {layout!r})"
+    f"LoRA pair A={path_str(a_path)} {a_shape}, "
+    f"B={path_str(b_path)} {b_shape} (layout {layout!r})"
   )
+  if layout not in _LAYOUT_DOC:
+    raise ValueError(f"{where}: unknown layout {layout!r}; use 'flax' or 'paper'.")
   if len(a_shape) < 2 or len(b_shape) < 2:
     raise ValueError(f"{where}: both leaves need at least 2 dimensions.")
-  if len(a_shape) != len(b_shape) or tuple(a_shape[:-2]) != tuple(b_shape[:-2]):
-    raise ValueError(f"{where}: the leading (batch) axes differ.")
-  if layout == "flax":
-    (n, r), (r_b, m) = a_shape[-2:], b_shape[-2:]
-  elif layout == "paper":
-    (r, n), (m, r_b) = a_shape[-2:], b_shape[-2:]
+  r, axes = _rank_axes(a_shape, b_shape, layout)
+  rank_leaf, other = ("A", "B") if layout == "flax" else ("B", "A")
+  if batch_axes is not None:
+    k = batch_axes
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+      raise ValueError(f"{where}: batch_axes must be a non-negative int or None, got {k!r}.")
+    k = int(k)
+    if k >= len(axes):
+      raise ValueError(
+        f"{where}: batch_axes={k} leaves no in- or out-feature axis ({_LAYOUT_DOC[layout]})."
+      )
+    if a_shape[:k] != b_shape[:k]:
+      raise ValueError(
+        f"{where}: the leading (batch) axes differ with batch_axes={k}: "
+        f"{a_shape[:k]} vs {b_shape[:k]}."
+      )
+    if axes[k] != r:
+      raise ValueError(
+        f"{where}: the ranks differ ({r} vs {axes[k]}) with batch_axes={k}: {rank_leaf}'s last "
+        f"axis is the rank, and {other}'s axis {k} must equal it ({_LAYOUT_DOC[layout]})."
+      )
+    found = {k: _reading(a_shape, b_shape, layout, k)}
   else:
-    raise ValueError(f"{where}: unknown layout {layout!r}; use 'flax' or 'paper'.")
-  if r != r_b:
-    raise ValueError(f"{where}: the ranks differ ({r} vs {r_b}).")
-  if r == 0 or m == 0 or n == 0:
+    found = readings(a_shape, b_shape, layout)
+  if not found:
+    shared = max(k for k in range(len(axes)) if a_shape[:k] == b_shape[:k])
+    if shared == 0:
+      tried = f"the leaves share no leading (batch) axes and {other}'s axis 0 is {axes[0]}"
+    else:
+      tried = (
+        f"for k = 0…{shared} leading (batch) axes (those both leaves share) {other}'s axis k, "
+        f"its rank axis, is {axes[: shared + 1]}"
+      )
+    raise ValueError(
+      f"{where}: no number of batch axes fits the layout, {_LAYOUT_DOC[layout]}: the rank is "
+      f"{r} ({rank_leaf}'s last axis), but {tried}; the ranks differ ({r} vs {axes[shared]})."
+    )
+  if len(found) > 1:
+    raise ValueError(
+      f"{where}: the number of leading (batch) axes is ambiguous; the shapes fit "
+      + "; ".join(_describe(k, x) for k, x in found.items())
+      + ". Say which with LoRASpec(..., batch_axes=k) or LoRAPair(..., batch_axes=k)."
+    )
+  ((_, x),) = found.items()
+  if x.r == 0 or 0 in x.in_shape or 0 in x.out_shape:
     raise ValueError(f"{where}: a zero-sized dimension.")
-  return tuple(a_shape[:-2]), int(m), int(n), int(r)
+  return x
 
 
 def find_pairs(params, pairs: PairsArg = None) -> list[FoundPair]:
@@ -178,8 +329,10 @@ def find_pairs(params, pairs: PairsArg = None) -> list[FoundPair]:
 
   Raises:
     ValueError: for an A leaf without its B sibling (or the reverse), for
-      mismatched ranks, batch axes or dimensionality; the message names the
-      leaf paths and shapes.
+      shapes that fit no reading of the layout (mismatched ranks or batch
+      axes, fewer than 2 dimensions) or several (the number of batch axes is
+      ambiguous: give ``batch_axes``); the message names the leaf paths and
+      shapes.
   """
   leaves = _leaves(params)
   index = {p: i for i, (p, _) in enumerate(leaves)}
@@ -187,7 +340,7 @@ def find_pairs(params, pairs: PairsArg = None) -> list[FoundPair]:
   found: list[FoundPair] = []
   used: dict[int, Path] = {}
 
-  def add(a_path, b_path, layout, parent):
+  def add(a_path, b_path, layout, parent, batch_axes):
     ia, ib = index[a_path], index[b_path]
     for i, p in ((ia, a_path), (ib, b_path)):
       if i in used:
@@ -196,8 +349,10 @@ def find_pairs(params, pairs: PairsArg = None) -> list[FoundPair]:
           f"({path_str(used[i])} and {path_str(parent)})."
         )
       used[i] = parent
-    batch, m, n, r = _dims(shape(ia), shape(ib), layout, a_path, b_path)
-    found.append(FoundPair(ia, ib, parent, a_path, b_path, layout, batch, (m,), (n,), r))
+    if callable(batch_axes):
+      batch_axes = batch_axes(parent)
+    x = _dims(shape(ia), shape(ib), layout, a_path, b_path, batch_axes)
+    found.append(FoundPair(ia, ib, parent, a_path, b_path, layout, *x))
 
   if callable(pairs) and not isinstance(pairs, LoRASpec):
     for pair in pairs(params):
@@ -209,7 +364,13 @@ def find_pairs(params, pairs: PairsArg = None) -> list[FoundPair]:
             f"of the parameters; leaves are e.g. "
             f"{[path_str(q) for q, _ in leaves[:5]]}."
           )
-      add(tuple(pair.a_path), tuple(pair.b_path), pair.layout, tuple(pair.a_path[:-1]))
+      add(
+        tuple(pair.a_path),
+        tuple(pair.b_path),
+        pair.layout,
+        tuple(pair.a_path[:-1]),
+        pair.batch_axes,
+      )
     return found
 
   for spec in _as_specs(pairs):
@@ -228,7 +389,7 @@ def find_pairs(params, pairs: PairsArg = None) -> list[FoundPair]:
         "optimizer (check optax.masked/partition labels and nnx filters)."
       )
     for parent in sorted(a_parents, key=path_str):
-      add(parent + a_sfx, parent + b_sfx, spec.layout, parent)
+      add(parent + a_sfx, parent + b_sfx, spec.layout, parent, spec.batch_axes)
   return found
 
 
@@ -249,9 +410,37 @@ def pair_scale(scale: ScaleArg, pair: FoundPair, dtype) -> jax.Array:
   return s.reshape(-1)
 
 
-def _flat(x, pair: FoundPair, dtype=None) -> jax.Array:
-  x = jnp.asarray(x, dtype)
-  return x.reshape((-1,) + x.shape[len(pair.batch_shape) :])
+# What a per-pair array is shaped like: the A leaf, the B leaf, the adapted
+# weight, or a vector over the out (m) or in (n) features.
+Role = Literal["a", "b", "weight", "out", "in"]
+
+
+def stored_shape(pair: FoundPair, role: Role) -> tuple[int, ...]:
+  """The shape of a ``role`` array of ``pair`` as stored (leaves, optimizer state)."""
+  r, batch = (pair.r,), pair.batch_shape
+  flax = pair.layout == "flax"
+  return {
+    "a": batch + (pair.in_shape + r if flax else r + pair.in_shape),
+    "b": batch + (r + pair.out_shape if flax else pair.out_shape + r),
+    "weight": pair.weight_shape,
+    "out": pair.out_vector_shape,
+    "in": pair.in_vector_shape,
+  }[role]
+
+
+def flat_shape(pair: FoundPair, role: Role) -> tuple[int, ...]:
+  """The shape a ``role`` array of ``pair`` is computed in: batch axes
+  flattened to N, feature axes merged (A (N, n, r) and B (N, r, m) for the
+  flax layout, as in `batched.LeafPair`; vectors (N, m) or (N, n))."""
+  N, m, n, r = math.prod(pair.batch_shape), pair.m, pair.n, pair.r
+  flax = pair.layout == "flax"
+  return {
+    "a": (N, n, r) if flax else (N, r, n),
+    "b": (N, r, m) if flax else (N, m, r),
+    "weight": (N, n, m) if flax else (N, m, n),
+    "out": (N, m),
+    "in": (N, n),
+  }[role]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -300,7 +489,8 @@ class PairIndex:
   def leaf_pairs(
     self, param_leaves: Sequence[Any], update_leaves: Sequence[Any], scale: ScaleArg
   ) -> list[batched.LeafPair]:
-    """Every pair's factors and gradients, batch axes flattened, in compute dtype."""
+    """Every pair's factors and gradients as 2-D slices, in compute dtype: batch
+    axes flattened to N and feature axes to n and m (`FoundPair.flat_a_shape`)."""
     self.check_leaf_count(update_leaves, "updates")
     out = []
     for f in self.pairs:
@@ -318,19 +508,26 @@ class PairIndex:
         update_leaves[f.b_index],
       )
       dt = batched.compute_dtype(*arrays)
-      A, B, g_A, g_B = (_flat(x, f, dt) for x in arrays)
+      A, B, g_A, g_B = (
+        jnp.asarray(x, dt).reshape(flat_shape(f, role)) for x, role in zip(arrays, "abab")
+      )
       out.append(batched.LeafPair(A, B, g_A, g_B, pair_scale(scale, f, dt), f.layout))
     return out
 
   def scatter(self, leaves: Sequence[Any], per_pair: Sequence[tuple[Any, Any]]) -> list[Any]:
-    """``leaves`` with every pair's two leaves replaced by its (N, ...) results,
-    reshaped and cast (saturating) to the replaced leaves' shapes and dtypes."""
+    """``leaves`` with every pair's two leaves replaced by its results shaped
+    like `leaf_pairs`' (N, ., .), reshaped and cast (saturating) to the replaced
+    leaves' shapes and dtypes."""
     out = list(leaves)
     for f, results in zip(self.pairs, per_pair):
       for i, x in zip((f.a_index, f.b_index), results):
         out[i] = eq.saturating_cast(x.reshape(np.shape(leaves[i])), jnp.result_type(leaves[i]))
     return out
 
-  def weight_flat(self, x: jax.Array, k: int) -> jax.Array:
-    """Pair k's weight-shaped array (its `FoundPair.weight_shape`) as (N, ., .)."""
-    return _flat(x, self.pairs[k])
+  def flatten(self, x: jax.Array, k: int, role: Role) -> jax.Array:
+    """Pair k's stored ``role`` array in its compute shape (`flat_shape`)."""
+    return x.reshape(flat_shape(self.pairs[k], role))
+
+  def unflatten(self, x: jax.Array, k: int, role: Role) -> jax.Array:
+    """The inverse of `flatten`."""
+    return x.reshape(stored_shape(self.pairs[k], role))

@@ -226,10 +226,10 @@ def _full(
     projected, pair_moments = [], {}
     for k, (key, pair, g0) in enumerate(zip(index.keys, leaf_pairs, zero_x)):
       m = state.pair_moments[key]
-      flat = moments_lib.FullMoments(*(index.weight_flat(x, k) for x in m))
+      flat = moments_lib.FullMoments(*(index.flatten(x, k, "weight") for x in m))
       new_pair, new = moments_lib.full_step(pair, g0, flat, count, b1, b2, eps)  # lines 8-15
       projected.append(new_pair)
-      pair_moments[key] = moments_lib.FullMoments(*(x.reshape(y.shape) for x, y in zip(new, m)))
+      pair_moments[key] = moments_lib.FullMoments(*(index.unflatten(x, k, "weight") for x in new))
     adjusted = batched.adjust(projected, x_choice, damping)  # lines 16-18
     out = index.scatter(jax.tree.leaves(adam_updates), adjusted)
     new_state = moments_lib.ScaleByLoraProState(count, pair_moments, adam_state)
