@@ -268,8 +268,7 @@ def _dims(a_shape, b_shape, layout: Layout, a_path: Path, b_path: Path, batch_ax
   """The `Reading` of a pair, or a ValueError naming both leaves."""
   a_shape, b_shape = tuple(int(d) for d in a_shape), tuple(int(d) for d in b_shape)
   where = (
-    f"LoRA pair A={path_str(a_path)} {a_shape}, "
-    f"B={path_str(b_path)} {b_shape} (layout {layout!r})"
+    f"LoRA pair A={path_str(a_path)} {a_shape}, B={path_str(b_path)} {b_shape} (layout {layout!r})"
   )
   if layout not in _LAYOUT_DOC:
     raise ValueError(f"{where}: unknown layout {layout!r}; use 'flax' or 'paper'.")

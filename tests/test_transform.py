@@ -579,10 +579,11 @@ def test_mismatched_ranks_raise():
 
 
 def test_mismatched_batch_axes_raise():
-  params = {"l": {"lora_a": jnp.ones((3, 4, 2)), "lora_b": jnp.ones((2, 2, 5))}}
-  with pytest.raises(ValueError, match=r"l/lora_a \(3, 4, 2\), B=l/lora_b \(2, 2, 5\).*batch"):
+  # (3, 4, 2) with (2, 2, 5) is a pair with in (3, 4) and out (2, 5); these fit no reading.
+  params = {"l": {"lora_a": jnp.ones((3, 4, 2)), "lora_b": jnp.ones((5, 2, 5))}}
+  with pytest.raises(ValueError, match=r"l/lora_a \(3, 4, 2\), B=l/lora_b \(5, 2, 5\).*batch"):
     lpj.lorapro().update(params, (), params)
-  params = {"l": {"lora_a": jnp.ones((3, 4, 2)), "lora_b": jnp.ones((2, 5))}}
+  params = {"l": {"lora_a": jnp.ones((3, 4, 2)), "lora_b": jnp.ones((3, 5))}}
   with pytest.raises(ValueError, match=r"l/lora_a \(3, 4, 2\).*batch"):
     lpj.lorapro(mode="full").init(params)
 
