@@ -115,40 +115,6 @@ class FoundPair:
     return self.batch_shape + self.out_shape + self.in_shape
 
   @property
-  def a_shape(self) -> tuple[int, ...]:
-    """Shape of the A leaf: (batch…, in…, r) flax, (batch…, r, in…) paper."""
-    if self.layout == "flax":
-      return self.batch_shape + self.in_shape + (self.r,)
-    return self.batch_shape + (self.r,) + self.in_shape
-
-  @property
-  def b_shape(self) -> tuple[int, ...]:
-    """Shape of the B leaf: (batch…, r, out…) flax, (batch…, out…, r) paper."""
-    if self.layout == "flax":
-      return self.batch_shape + (self.r,) + self.out_shape
-    return self.batch_shape + self.out_shape + (self.r,)
-
-  @property
-  def num_slices(self) -> int:
-    """N, the batch axes together."""
-    return math.prod(self.batch_shape)
-
-  @property
-  def flat_a_shape(self) -> tuple[int, int, int]:
-    """A as `batched.LeafPair` holds it: (N, n, r) flax, (N, r, n) paper."""
-    return (self.num_slices,) + ((self.n, self.r) if self.layout == "flax" else (self.r, self.n))
-
-  @property
-  def flat_b_shape(self) -> tuple[int, int, int]:
-    """B as `batched.LeafPair` holds it: (N, r, m) flax, (N, m, r) paper."""
-    return (self.num_slices,) + ((self.r, self.m) if self.layout == "flax" else (self.m, self.r))
-
-  @property
-  def flat_weight_shape(self) -> tuple[int, int, int]:
-    """`weight_shape` as the equations use it: (N, n, m) flax, (N, m, n) paper."""
-    return (self.num_slices,) + ((self.n, self.m) if self.layout == "flax" else (self.m, self.n))
-
-  @property
   def out_vector_shape(self) -> tuple[int, ...]:
     """Shape of a per-out-feature vector (an m-vector per batch slice)."""
     return self.batch_shape + self.out_shape
@@ -489,7 +455,7 @@ class PairIndex:
     self, param_leaves: Sequence[Any], update_leaves: Sequence[Any], scale: ScaleArg
   ) -> list[batched.LeafPair]:
     """Every pair's factors and gradients as 2-D slices, in compute dtype: batch
-    axes flattened to N and feature axes to n and m (`FoundPair.flat_a_shape`)."""
+    axes flattened to N and feature axes to n and m (`flat_shape`)."""
     self.check_leaf_count(update_leaves, "updates")
     out = []
     for f in self.pairs:
