@@ -185,6 +185,16 @@ def saturating_cast(x: Array, dtype) -> Array:
   return x.astype(dtype)
 
 
+def scale_by(x: Array, *factors: Array) -> Array:
+  """x·f1·f2·… for non-negative scalars f_i, saturated; no product of the
+  factors is formed (see `rescale`), so none overflows or underflows midway."""
+  m, e = jnp.ones_like(x), jnp.zeros(jnp.shape(x), jnp.int32)
+  for f in factors:
+    f_m, f_e = jnp.frexp(f)
+    m, e = m * f_m, e + f_e  # mantissas in [0.5, 1): m stays in (2**-len(factors), 1]
+  return saturate(jnp.ldexp(x * m, e))
+
+
 def rescale(x: Array, gamma: Array, *divisors: Array) -> Array:
   """x·γ / (d1·d2·…) for positive scalars γ, d_i, saturated.
 

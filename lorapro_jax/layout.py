@@ -90,9 +90,21 @@ def project(layout: Layout, D: Array, A: Array, B: Array) -> tuple[Array, Array]
   return (jnp.einsum(f"k{w},k{b}->k{a}", D, B), jnp.einsum(f"k{w},k{a}->k{b}", D, A))
 
 
-def to_paper(x: Array, layout: Layout) -> Array:
-  """A leaf of a pair in the paper's orientation: A (..., r, n), B (..., m, r)."""
-  return x if layout == "paper" else jnp.swapaxes(x, -1, -2)
+def scale_in(layout: Layout, X: Array, kappa: Array) -> Array:
+  """X·diag(κ) for an r×n factor X and an n-vector κ (k, n)."""
+  return X * (kappa[:, :, None] if layout == "flax" else kappa[:, None, :])
 
 
-from_paper = to_paper  # the transposition is its own inverse
+def scale_out(layout: Layout, X: Array, rho: Array) -> Array:
+  """diag(ρ)·X for an m×r factor X and an m-vector ρ (k, m)."""
+  return X * (rho[:, None, :] if layout == "flax" else rho[:, :, None])
+
+
+def in_dot(layout: Layout, X: Array, Y: Array) -> Array:
+  """Σ_a X[a, j]·Y[a, j] (k, n) for r×n factors: the columns' dot products."""
+  return jnp.sum(X * Y, axis=-1 if layout == "flax" else -2)
+
+
+def out_dot(layout: Layout, X: Array, Y: Array) -> Array:
+  """Σ_a X[i, a]·Y[i, a] (k, m) for m×r factors: the rows' dot products."""
+  return jnp.sum(X * Y, axis=-2 if layout == "flax" else -1)

@@ -122,3 +122,212 @@ def full_step(
   g_tilde = equivalent_gradient(pair, *zero_x)
   d, mu, nu = adam_direction(g_tilde, moments.mu, moments.nu, count, b1, b2, eps)
   return project(pair, d), FullMoments(mu, nu)
+
+
+class FactoredMoments(NamedTuple):
+  """Factored mode's state of one pair (`lorapro(mode="factored")`).
+
+  The first moment M of the m×n equivalent gradient is kept in low rank,
+  M = s·B̂_prev·N_A + s·N_B·Â_prev, where X̂ = X / max|X| for the factors at
+  the previous step; its second moment is factored as Adafactor's.
+
+  Attributes:
+    m_a: N_A, laid out like A.
+    m_b: N_B, laid out like B.
+    a_prev: A at the previous step.
+    b_prev: B at the previous step.
+    row: EMA of the mean over the in features of G̃² + ε² (an m-vector).
+    col: EMA of the mean over the out features of G̃² + ε² (an n-vector).
+  """
+
+  m_a: Array
+  m_b: Array
+  a_prev: Array
+  b_prev: Array
+  row: Array
+  col: Array
+
+
+class FactoredSecondMoment(NamedTuple):
+  """Factored mode's state of one pair without a first moment (b1 = 0).
+
+  Attributes:
+    row: EMA of the mean over the in features of G̃² + ε² (an m-vector).
+    col: EMA of the mean over the out features of G̃² + ε² (an n-vector).
+  """
+
+  row: Array
+  col: Array
+
+
+class LowRank(NamedTuple):
+  """Σ_k u_k·v_k (m×n) for m×r factors u_k and r×n factors v_k, in the
+  pair's layout (flax: u_k (N, r, m), v_k (N, n, r)). Never formed."""
+
+  u: tuple[Array, ...]
+  v: tuple[Array, ...]
+
+
+def _sum(xs):
+  xs = list(xs)
+  return sum(xs[1:], xs[0])
+
+
+def row_sq(layout: lo.Layout, L: LowRank) -> Array:
+  """Σ_j L_ij² (N, m): diag(L·Lᵀ) = Σ_k rowdot(u_k, Σ_l u_l·(v_l·v_kᵀ))."""
+  return _sum(
+    lo.out_dot(
+      layout, u_k, _sum(lo.right(layout, u_l, lo.gram_A(layout, v_l, v_k)) for u_l, v_l in zip(*L))
+    )
+    for u_k, v_k in zip(*L)
+  )
+
+
+def col_sq(layout: lo.Layout, L: LowRank) -> Array:
+  """Σ_i L_ij² (N, n): diag(Lᵀ·L) = Σ_k coldot(v_k, Σ_l (u_kᵀ·u_l)·v_l)."""
+  return _sum(
+    lo.in_dot(
+      layout, v_k, _sum(lo.left(layout, lo.gram_B(layout, u_k, u_l), v_l) for u_l, v_l in zip(*L))
+    )
+    for u_k, v_k in zip(*L)
+  )
+
+
+def lora_gradients(layout: lo.Layout, L: LowRank, A: Array, B: Array) -> tuple[Array, Array]:
+  """Eq. (5) without s, for the full gradient L: (Bᵀ·L, L·Aᵀ), laid out like (A, B)."""
+  g_A = _sum(lo.left(layout, lo.gram_B(layout, B, u), v) for u, v in zip(*L))
+  g_B = _sum(lo.right(layout, u, lo.gram_A(layout, v, A)) for u, v in zip(*L))
+  return g_A, g_B
+
+
+def _normalised(x: Array) -> eq.Normalised:
+  return _vmap_normalise(x)
+
+
+def _max_scale(*xs: eq.Normalised) -> Array:
+  """The largest of the scales (N,), 1 where all are 0."""
+  c = jnp.maximum(*[x.scale for x in xs]) if len(xs) > 1 else xs[0].scale
+  return jnp.where(c > 0, c, jnp.ones_like(c))
+
+
+def moment_projection(pair: batched.LeafPair, m: FactoredMoments) -> tuple[batched.LeafPair, Array]:
+  """The stored first moment M as the LoRA gradients of a pair, ready for
+  Theorem 2.1 with X = 0, which projects M onto the span of the current
+  factors: P_B·M + (I - P_B)·M·P_A, the best approximation of M by
+  s·B·N_A' + s·N_B'·A (Theorem 2.1 with M as the full gradient).
+
+  Everything is formed from normalised factors (entries at most 1), with
+  s = 1 and M divided by s·ν, ν the larger of max|N_A| and max|N_B|.
+
+  Returns:
+    The pair (Â, B̂, B̂ᵀ·M/(s·ν), M/(s·ν)·Âᵀ, s = 1), whose Theorem 2.1
+    outputs times ν are N_A' and N_B' (relative to Â and B̂); and ν (N,).
+  """
+  dt = pair.A.dtype
+  A, B = _normalised(pair.A), _normalised(pair.B)
+  A_p, B_p = _normalised(m.a_prev.astype(dt)), _normalised(m.b_prev.astype(dt))
+  n_A, n_B = _normalised(m.m_a.astype(dt)), _normalised(m.m_b.astype(dt))
+  nu = _max_scale(n_A, n_B)
+  L = LowRank((B_p.hat, n_B.hat * _col(n_B.scale / nu)), (n_A.hat * _col(n_A.scale / nu), A_p.hat))
+  g_A, g_B = lora_gradients(pair.layout, L, A.hat, B.hat)
+  return pair.replace(A=A.hat, B=B.hat, g_A=g_A, g_B=g_B, s=jnp.ones_like(pair.s)), nu
+
+
+def factored_step(
+  pair: batched.LeafPair,
+  zero_x: tuple[Array, Array],
+  moments: FactoredMoments | FactoredSecondMoment,
+  projected: tuple[Array, Array, Array] | None,
+  count: Array,
+  b1,
+  b2,
+  eps,
+) -> tuple[batched.LeafPair, FactoredMoments | FactoredSecondMoment]:
+  """One factored-mode step for one pair: Algorithm 3 with its m×n moments
+  replaced by a low-rank first moment and a factored second moment.
+
+  Args:
+    pair: the pair and its LoRA gradients (N, ., .).
+    zero_x: Theorem 2.1's (g^A, g^B) with X = 0; the equivalent gradient is
+      G̃ = s·B·g^A + s·g^B·A (Eq. 55).
+    moments: the pair's state in compute shapes (a_prev, b_prev unused here
+      but by `moment_projection`).
+    projected: for a first moment, Theorem 2.1 (X = 0) of `moment_projection`'s
+      pair and its ν; None without a first moment.
+    count: the step number t ≥ 1.
+
+  Returns:
+    ``pair`` with its gradients replaced by Eq. (56) of the direction
+    D = M̂ ⊘ √V̂, to be adjusted by Theorem 2.1 with the chosen X; and the
+    new moments (a_prev, b_prev left as given: the caller stores the factors).
+  """
+  layout, s = pair.layout, pair.s
+  dt = pair.A.dtype
+  A, B = _normalised(pair.A), _normalised(pair.B)
+  n = pair.A.shape[-2] if layout == "flax" else pair.A.shape[-1]
+  m = pair.B.shape[-1] if layout == "flax" else pair.B.shape[-2]
+  # G̃ = s·B̂·G_A + s·G_B·Â: the factors of this step's equivalent gradient.
+  G_A = eq.saturate(zero_x[0] * _col(B.scale))
+  G_B = eq.saturate(zero_x[1] * _col(A.scale))
+
+  # First moment: M ← β1·proj(M) + (1 - β1)·G̃, relative to the current Â, B̂.
+  if projected is None:
+    N_A, N_B = G_A, G_B
+  else:
+    P_A, P_B, nu = projected
+    N_A = eq.saturate(b1 * eq.scale_by(P_A, _col(nu)) + (1 - b1) * G_A)
+    N_B = eq.saturate(b1 * eq.scale_by(P_B, _col(nu)) + (1 - b1) * G_B)
+
+  # Second moment, factored: EMAs of the row and column means of G̃² + ε²,
+  # from G̃ = s·c·L̂ with L̂'s factors at most 1 (c the larger factor scale).
+  h_A, h_B = _normalised(G_A), _normalised(G_B)
+  c = _max_scale(h_A, h_B)
+  L = LowRank((B.hat, h_B.hat * _col(h_B.scale / c)), (h_A.hat * _col(h_A.scale / c), A.hat))
+  sq = lambda x, size: eq.scale_by(
+    jnp.maximum(x, 0) / size, s[:, None], s[:, None], c[:, None], c[:, None]
+  )
+  ema = lambda v, x: eq.saturate(b2 * v.astype(dt) + (1 - b2) * (x + eps**2))
+  row = ema(moments.row, sq(row_sq(layout, L), n))
+  col = ema(moments.col, sq(col_sq(layout, L), m))
+
+  # D = M̂ ⊘ √V̂ with V̂ = R̂·Ĉᵀ / mean(R̂): D = k·diag(ρ)·M·diag(κ), ρ = R^-½,
+  # κ = C^-½, k = √mean(R)·√(1 - β2ᵗ)/(1 - β1ᵗ) (the bias corrections).
+  t = count.astype(dt)
+  tiny = jnp.finfo(dt).tiny
+  rho = jax.lax.rsqrt(jnp.maximum(row, tiny))
+  kappa = jax.lax.rsqrt(jnp.maximum(col, tiny))
+  rho_max, kappa_max = jnp.max(rho, axis=-1), jnp.max(kappa, axis=-1)
+  rho, kappa = rho / rho_max[:, None], kappa / kappa_max[:, None]
+  k = jnp.sqrt(jnp.mean(row, axis=-1)) * jnp.sqrt(1 - b2**t) / (1 - b1**t)
+  n_A, n_B = _normalised(N_A), _normalised(N_B)
+  nu_D = _max_scale(n_A, n_B)
+  D = LowRank(
+    (lo.scale_out(layout, B.hat, rho), lo.scale_out(layout, n_B.hat * _col(n_B.scale / nu_D), rho)),
+    (
+      lo.scale_in(layout, n_A.hat * _col(n_A.scale / nu_D), kappa),
+      lo.scale_in(layout, A.hat, kappa),
+    ),
+  )
+  # D = s·k·ρmax·κmax·ν·D̂. Eq. (56): s·Bᵀ·D = s·β·B̂ᵀ·D, s·D·Aᵀ = s·α·D·Âᵀ.
+  d_A, d_B = lora_gradients(layout, D, A.hat, B.hat)
+  common = (_col(s), _col(s), _col(k), _col(rho_max), _col(kappa_max), _col(nu_D))
+  g_A = eq.scale_by(d_A, _col(B.scale), *common)
+  g_B = eq.scale_by(d_B, _col(A.scale), *common)
+
+  stored = lambda x, like: eq.saturating_cast(x, like.dtype)
+  row, col = stored(row, moments.row), stored(col, moments.col)
+  if projected is None:
+    new = FactoredSecondMoment(row, col)
+  else:
+    new = moments._replace(
+      m_a=stored(N_A, moments.m_a), m_b=stored(N_B, moments.m_b), row=row, col=col
+    )
+  return pair.replace(g_A=g_A, g_B=g_B), new
+
+
+# What each field of a pair's moments is shaped like (`pairs.stored_shape`).
+ROLES: dict[type, tuple[str, ...]] = {
+  FullMoments: ("weight", "weight"),
+  FactoredMoments: ("a", "b", "a", "b", "out", "in"),
+  FactoredSecondMoment: ("out", "in"),
+}

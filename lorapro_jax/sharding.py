@@ -20,27 +20,39 @@ from lorapro_jax import pairs as pairs_lib
 
 def _specs(pair: pairs_lib.FoundPair, sa: NamedSharding, sb: NamedSharding):
   """The partition specs of A and B, padded to the leaves' rank."""
-  nd = len(pair.batch_shape) + 2
-  return tuple(tuple(s.spec) + (None,) * (nd - len(s.spec)) for s in (sa, sb))
+  pad = lambda spec, role: (
+    tuple(spec) + (None,) * (len(pairs_lib.stored_shape(pair, role)) - len(spec))
+  )
+  return pad(sa.spec, "a"), pad(sb.spec, "b")
+
+
+def feature_axes(pair: pairs_lib.FoundPair, sa: NamedSharding, sb: NamedSharding):
+  """The mesh axes of a pair's batch axes (B's, else A's), in-feature axes
+  (A's) and out-feature axes (B's), as three tuples of spec entries."""
+  pa, pb = _specs(pair, sa, sb)
+  nb = len(pair.batch_shape)
+  batch = tuple(x if x is not None else y for x, y in zip(pb[:nb], pa[:nb]))
+  if pair.layout == "flax":  # a (..., in..., r), b (..., r, out...)
+    return batch, pa[nb:-1], pb[nb + 1 :]
+  return batch, pa[nb + 1 :], pb[nb:-1]  # A (..., r, in...), B (..., out..., r)
 
 
 def weight_sharding(pair: pairs_lib.FoundPair, a, b) -> NamedSharding | None:
-  """The sharding of a pair's m×n array, from those of its A and B leaves.
+  """The sharding of a pair's m×n array (`FoundPair.weight_shape`), from those
+  of its A and B leaves.
 
-  Out features follow B, batch axes B (else A), in features A, in that order
-  of priority: a mesh axis already used is not used again (FSDP splits A and B
-  over the same mesh axis; the moment is then split over out features, as
-  the equivalent gradient ``B @ A`` is computed). None unless both leaves
-  carry a `jax.sharding.NamedSharding` on the same mesh.
+  Out-feature axes follow B, batch axes B (else A), in-feature axes A, in that
+  order of priority: a mesh axis already used is not used again (FSDP splits
+  A and B over the same mesh axis; the moment is then split over out
+  features, as the equivalent gradient ``B @ A`` is computed). A kernel
+  ``(in, heads, head_dim)`` adapted by a ``(in, r)`` and b ``(r, heads,
+  head_dim)`` gets the heads axis of b's spec. None unless both leaves carry
+  a `jax.sharding.NamedSharding` on the same mesh.
   """
   sa, sb = getattr(a, "sharding", None), getattr(b, "sharding", None)
   if not (isinstance(sa, NamedSharding) and isinstance(sb, NamedSharding) and sa.mesh == sb.mesh):
     return None
-  pa, pb = _specs(pair, sa, sb)
-  if pair.layout == "flax":  # a (..., in, r), b (..., r, out), weight (..., in, out)
-    in_ax, out_ax = pa[-2], pb[-1]
-  else:  # A (..., r, in), B (..., out, r), weight (..., out, in)
-    in_ax, out_ax = pa[-1], pb[-2]
+  batch, in_, out = feature_axes(pair, sa, sb)
   used = set()
 
   def take(ax):  # each mesh axis may split one array axis only
@@ -50,11 +62,57 @@ def weight_sharding(pair: pairs_lib.FoundPair, a, b) -> NamedSharding | None:
     used.update(names)
     return ax
 
-  out_ax = take(out_ax)
-  batch = tuple(take(x if x is not None else y) for x, y in zip(pb[:-2], pa[:-2]))
-  in_ax = take(in_ax)
-  spec = batch + ((in_ax, out_ax) if pair.layout == "flax" else (out_ax, in_ax))
+  out = tuple(take(x) for x in out)
+  batch = tuple(take(x) for x in batch)
+  in_ = tuple(take(x) for x in in_)
+  spec = batch + (in_ + out if pair.layout == "flax" else out + in_)
   return NamedSharding(sb.mesh, PartitionSpec(*spec))
+
+
+def role_sharding(pair: pairs_lib.FoundPair, a, b, role: pairs_lib.Role) -> NamedSharding | None:
+  """The sharding of a pair's ``role`` array (`pairs.stored_shape`): like the
+  A or B leaf, like the adapted weight (`weight_sharding`), or for a vector
+  over the out (in) features, like B's out (A's in) axes with B's (A's)
+  batch axes. None unless both leaves carry a NamedSharding on one mesh."""
+  if role == "weight":
+    return weight_sharding(pair, a, b)
+  sa, sb = getattr(a, "sharding", None), getattr(b, "sharding", None)
+  if not (isinstance(sa, NamedSharding) and isinstance(sb, NamedSharding) and sa.mesh == sb.mesh):
+    return None
+  if role in ("a", "b"):
+    return sa if role == "a" else sb
+  pa, pb = _specs(pair, sa, sb)
+  nb = len(pair.batch_shape)
+  _, in_, out = feature_axes(pair, sa, sb)
+  spec = pb[:nb] + out if role == "out" else pa[:nb] + in_
+  return NamedSharding(sb.mesh, PartitionSpec(*spec))
+
+
+def moment_shardings(params, pair_moments: dict[str, Any], pairs: pairs_lib.PairsArg = None):
+  """Shardings of a LoRA-Pro state's ``pair_moments`` (arrays or abstract
+  arrays) for sharded params: each field like `moments.ROLES` says."""
+  index = pairs_lib.PairIndex.build(params, pairs)
+  leaves = jax.tree.leaves(params)
+  out = {}
+  for key, f in zip(index.keys, index.pairs):
+    if key not in pair_moments:
+      continue  # a lorapro under optax.masked or partition sees some pairs only
+    a, b = leaves[f.a_index], leaves[f.b_index]
+    moments = pair_moments[key]
+    shardings = [role_sharding(f, a, b, role) for role in moments_lib.ROLES[type(moments)]]
+    if any(x is None for x in shardings):
+      raise ValueError(
+        f"The LoRA pair {pairs_lib.path_str(f.path)} has no NamedSharding on both of its "
+        f"leaves (A: {getattr(a, 'sharding', None)}, B: {getattr(b, 'sharding', None)})."
+      )
+    out[key] = type(moments)(*shardings)
+  missing = set(pair_moments) - set(out)
+  if missing:
+    raise ValueError(
+      f"The LoRA-Pro state has pairs {sorted(missing)} that `pairs` does not find in the "
+      "params: pass the same `pairs` as to lorapro."
+    )
+  return out
 
 
 def full_moment_shardings(params, pairs: pairs_lib.PairsArg = None) -> dict[str, Any]:
@@ -62,8 +120,8 @@ def full_moment_shardings(params, pairs: pairs_lib.PairsArg = None) -> dict[str,
 
   ``lorapro(mode="full").init(params)`` called outside ``jax.jit`` on sharded
   arrays already places the moments this way. Under ``jax.jit`` nothing ties
-  a freshly created moment to the params: pass `state_shardings` (which uses
-  this) as ``out_shardings``.
+  a freshly created moment to the params: pass `state_shardings` (which
+  covers every mode) as ``out_shardings``.
 
   Args:
     params: the parameters, as arrays or ``jax.ShapeDtypeStruct`` whose
@@ -76,26 +134,15 @@ def full_moment_shardings(params, pairs: pairs_lib.PairsArg = None) -> dict[str,
     B, in features like A unless that mesh axis is taken).
   """
   index = pairs_lib.PairIndex.build(params, pairs)
-  leaves = jax.tree.leaves(params)
-  out = {}
-  for key, f in zip(index.keys, index.pairs):
-    sharding = weight_sharding(f, leaves[f.a_index], leaves[f.b_index])
-    if sharding is None:
-      raise ValueError(
-        f"The LoRA pair {pairs_lib.path_str(f.path)} has no NamedSharding on both of its "
-        "leaves (A: "
-        f"{getattr(leaves[f.a_index], 'sharding', None)}, B: "
-        f"{getattr(leaves[f.b_index], 'sharding', None)})."
-      )
-    out[key] = moments_lib.FullMoments(sharding, sharding)
-  return out
+  template = {key: moments_lib.FullMoments(None, None) for key in index.keys}
+  return moment_shardings(params, template, pairs)
 
 
 def state_shardings(tx: optax.GradientTransformation, params, pairs: pairs_lib.PairsArg = None):
   """Shardings of ``tx.init(params)`` for sharded ``params``.
 
   Arrays shaped like the params (e.g. optax's Adam moments) are laid out
-  like them, LoRA-Pro's pair moments as `full_moment_shardings` says, and
+  like them, LoRA-Pro's pair moments like their pair (`role_sharding`), and
   everything else (step counts, hyperparameters) is replicated on the params'
   mesh.
 
@@ -132,15 +179,7 @@ def state_shardings(tx: optax.GradientTransformation, params, pairs: pairs_lib.P
   states = [x for x in jax.tree.leaves(abstract, is_leaf=is_state) if is_state(x)]
   if not states:
     return out
-  moments = full_moment_shardings(params, pairs)
-  for state in states:
-    if not set(state.pair_moments) <= set(moments):
-      raise ValueError(
-        f"The LoRA-Pro state has pairs {sorted(state.pair_moments)} but `pairs` finds "
-        f"{sorted(moments)} in the params: pass state_shardings the same `pairs` as lorapro."
-      )
-  # A lorapro under optax.masked or partition holds the moments of its pairs only.
   place = lambda x, a: (
-    x._replace(pair_moments={k: moments[k] for k in a.pair_moments}) if is_state(x) else x
+    x._replace(pair_moments=moment_shardings(params, a.pair_moments, pairs)) if is_state(x) else x
   )
   return jax.tree.map(place, out, abstract, is_leaf=is_state)
