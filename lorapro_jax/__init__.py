@@ -4,7 +4,7 @@ Modules, from the math outwards:
   equations:   the paper's equations for one pair, on r×r matrices (pure).
   layout:      the products with the tall factors, on the stored layout.
   batched:     Theorem 2.1 for every pair, the r×r work batched per rank.
-  moments:     full mode's Adam moments of the equivalent gradient.
+  moments:     the moments of the equivalent gradient: full and factored modes.
   pairs:       finding LoRA (A, B) pairs in a pytree; the pair index.
   sharding:    shardings of the per-pair state on a device mesh.
   transform:   the optax transformations.
@@ -12,9 +12,14 @@ Modules, from the math outwards:
 """
 
 from lorapro_jax.diagnostics import equivalent_gradients
-from lorapro_jax.moments import FullMoments, ScaleByLoraProState
+from lorapro_jax.moments import (
+  FactoredMoments,
+  FactoredSecondMoment,
+  FullMoments,
+  ScaleByLoraProState,
+)
 from lorapro_jax.pairs import FLAX_NNX, PEFT, QWIX, LoRAPair, LoRASpec, find_pairs
-from lorapro_jax.sharding import full_moment_shardings, state_shardings
+from lorapro_jax.sharding import full_moment_shardings, moment_shardings, state_shardings
 from lorapro_jax.transform import (
   DEFAULT_DAMPING,
   LoraProWeightDecayState,
@@ -30,6 +35,8 @@ __all__ = [
   "FLAX_NNX",
   "PEFT",
   "QWIX",
+  "FactoredMoments",
+  "FactoredSecondMoment",
   "FullMoments",
   "LoRAPair",
   "LoRASpec",
@@ -41,5 +48,6 @@ __all__ = [
   "full_moment_shardings",
   "lorapro",
   "lorapro_adamw",
+  "moment_shardings",
   "state_shardings",
 ]

@@ -14,7 +14,7 @@ from lorapro_jax import moments as moments_lib
 from lorapro_jax import pairs as pairs_lib
 from lorapro_jax import sharding as sharding_lib
 
-Mode = Literal["efficient", "full"]
+Mode = Literal["efficient", "full", "factored"]
 MODES: tuple[str, ...] = Mode.__args__
 ScaleArg = pairs_lib.ScaleArg
 
@@ -164,7 +164,7 @@ def lorapro(
   b1, b2, eps = (_ADAM_DEFAULTS[k] if given[k] is None else given[k] for k in ("b1", "b2", "eps"))
   for name, v in (("damping", damping), ("eps", eps)):
     _check_positive(name, v)
-  return _full(scale, x_choice, damping, b1, b2, eps, moment_dtype, pairs)
+  return _with_moments(mode, scale, x_choice, damping, b1, b2, eps, moment_dtype, pairs)
 
 
 def _efficient(scale, x_choice, damping, pairs) -> optax.GradientTransformationExtraArgs:
@@ -180,10 +180,33 @@ def _efficient(scale, x_choice, damping, pairs) -> optax.GradientTransformationE
   return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)
 
 
-def _full(
-  scale, x_choice, damping, b1, b2, eps, moment_dtype, pairs
+def _init_moments(mode, f: pairs_lib.FoundPair, a, b, dtype, first_moment: bool):
+  """Zero moments of one pair in their stored shapes, placed like the params
+  when these are concrete sharded arrays (as optax's zeros_like moments are;
+  under jit see `state_shardings`)."""
+
+  def zeros(role, dt=dtype):
+    device = sharding_lib.role_sharding(f, a, b, role)
+    return jnp.zeros(pairs_lib.stored_shape(f, role), dt, device=device)
+
+  if mode == "full":
+    return moments_lib.FullMoments(zeros("weight"), zeros("weight"))
+  if not first_moment:
+    return moments_lib.FactoredSecondMoment(zeros("out"), zeros("in"))
+  return moments_lib.FactoredMoments(
+    zeros("a"), zeros("b"), zeros("a", a.dtype), zeros("b", b.dtype), zeros("out"), zeros("in")
+  )
+
+
+def _with_moments(
+  mode, scale, x_choice, damping, b1, b2, eps, moment_dtype, pairs
 ) -> optax.GradientTransformationExtraArgs:
+  """Full (Algorithm 3) or factored mode: per-pair moments of the equivalent
+  gradient, `optax.scale_by_adam` for the other leaves."""
   adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=moment_dtype)
+  # Without a first moment (b1 = 0, known when the transformation is built)
+  # the factored mode keeps the second moment only.
+  first_moment = not (isinstance(b1, (int, float)) and b1 == 0)
 
   def others(index: pairs_lib.PairIndex, tree) -> optax.GradientTransformation:
     return optax.masked(adam, index.mask(tree))
@@ -199,12 +222,7 @@ def _full(
     for key, f in zip(index.keys, index.pairs):
       a, b = leaves[f.a_index], leaves[f.b_index]
       dtype = jnp.dtype(moment_dtype or batched.compute_dtype(a, b))
-      # Placed like the params when they are concrete sharded arrays, as
-      # optax's zeros_like moments are; under jit see `state_shardings`.
-      device = sharding_lib.weight_sharding(f, a, b)
-      pair_moments[key] = moments_lib.FullMoments(
-        *(jnp.zeros(f.weight_shape, dtype, device=device) for _ in range(2))
-      )
+      pair_moments[key] = _init_moments(mode, f, a, b, dtype, first_moment)
     return moments_lib.ScaleByLoraProState(
       jnp.zeros([], jnp.int32), pair_moments, others(index, params).init(params)
     )
@@ -220,17 +238,44 @@ def _full(
       )
     count = optax.safe_int32_increment(state.count)
     adam_updates, adam_state = others(index, updates).update(updates, state.adam_state, params)
-
     leaf_pairs = index.leaf_pairs(p_leaves, u_leaves, scale)
-    zero_x = batched.adjust(leaf_pairs, "zero", damping)  # Alg. 3, lines 5-7
-    projected, pair_moments = [], {}
-    for k, (key, pair, g0) in enumerate(zip(index.keys, leaf_pairs, zero_x)):
-      m = state.pair_moments[key]
-      flat = moments_lib.FullMoments(*(index.flatten(x, k, "weight") for x in m))
-      new_pair, new = moments_lib.full_step(pair, g0, flat, count, b1, b2, eps)  # lines 8-15
-      projected.append(new_pair)
-      pair_moments[key] = moments_lib.FullMoments(*(index.unflatten(x, k, "weight") for x in new))
-    adjusted = batched.adjust(projected, x_choice, damping)  # lines 16-18
+
+    def flat(k, m):  # a pair's moments in compute shapes, and back
+      return type(m)(*(index.flatten(x, k, r) for x, r in zip(m, moments_lib.ROLES[type(m)])))
+
+    def stored(k, m):
+      return type(m)(*(index.unflatten(x, k, r) for x, r in zip(m, moments_lib.ROLES[type(m)])))
+
+    moments = [flat(k, state.pair_moments[key]) for k, key in enumerate(index.keys)]
+    if mode == "full":
+      zero_x = batched.adjust(leaf_pairs, "zero", damping)  # Alg. 3, lines 5-7
+      steps = [
+        moments_lib.full_step(p, g0, m, count, b1, b2, eps)  # lines 8-15
+        for p, g0, m in zip(leaf_pairs, zero_x, moments)
+      ]
+    else:
+      # One batched Theorem 2.1 (X = 0) for the gradients and for the stored
+      # first moments' projection onto the current factors.
+      proj = (
+        [moments_lib.moment_projection(p, m) for p, m in zip(leaf_pairs, moments)]
+        if first_moment
+        else []
+      )
+      zero = batched.adjust(leaf_pairs + [p for p, _ in proj], "zero", damping)
+      zero_x, proj_x = zero[: len(leaf_pairs)], zero[len(leaf_pairs) :]
+      steps = []
+      for k, (p, g0, m) in enumerate(zip(leaf_pairs, zero_x, moments)):
+        projected = (*proj_x[k], proj[k][1]) if first_moment else None
+        pair, new = moments_lib.factored_step(p, g0, m, projected, count, b1, b2, eps)
+        if first_moment:  # the factors the new first moment is relative to
+          f = index.pairs[k]
+          new = new._replace(
+            a_prev=index.flatten(p_leaves[f.a_index], k, "a"),
+            b_prev=index.flatten(p_leaves[f.b_index], k, "b"),
+          )
+        steps.append((pair, new))
+    adjusted = batched.adjust([p for p, _ in steps], x_choice, damping)  # lines 16-18
+    pair_moments = {key: stored(k, m) for k, (key, (_, m)) in enumerate(zip(index.keys, steps))}
     out = index.scatter(jax.tree.leaves(adam_updates), adjusted)
     new_state = moments_lib.ScaleByLoraProState(count, pair_moments, adam_state)
     return jax.tree.unflatten(jax.tree.structure(updates), out), new_state

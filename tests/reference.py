@@ -4,14 +4,15 @@ Wang et al., "LoRA-Pro: Are Low-Rank Adapters Properly Optimized?", ICLR 2025.
 Paper layout throughout: A is r×n, B is m×r, W = W0 + s·B·A, the full gradient
 g is m×n, g_lora^A = s·Bᵀg (r×n) and g_lora^B = s·g·Aᵀ (m×r) (Eq. 5).
 
-Deliberately different from `lorapro_jax.equations`: no damping, no scale
+Deliberately different from `lorapro_jax.equations`: no damping (but see below), no scale
 normalisation, explicit m×m / n×n projectors, the Sylvester equation solved by
 its Kronecker (vec) form rather than by eigendecompositions, and plain Python
 loops for the optimisers. Gram matrices are inverted with `np.linalg.inv`; only
 an exactly singular Gram matrix (B = 0 at LoRA's initialisation, or a
 rank-deficient factor) falls back to the pseudo-inverse, which is the δ → 0
 limit of the package's damped inverse for consistent gradients (g_lora^A lies
-in the range of Bᵀ).
+in the range of Bᵀ). `damped_lorapro_gradients` is the one damped variant: the
+package's relative damping G + δ·(tr G / r)·I, for testing that formula itself.
 """
 
 from __future__ import annotations
@@ -108,6 +109,47 @@ def lorapro_gradients(gA_lora, gB_lora, A, B, s, x_choice="sylvester"):
   """Theorem 2.1 with the X of ``x_choice``: the adjusted (g^A, g^B)."""
   X = choose_x(x_choice, gA_lora, gB_lora, A, B, s)
   return adjust(gA_lora, gB_lora, A, B, s, X)
+
+
+def damped_inv(G, damping):
+  """(G + δ·(tr G / r)·I)⁻¹ by `np.linalg.inv`: the package's relative damping. A zero
+  G gives zero, its pseudo-inverse (B = 0 at LoRA's initialisation)."""
+  G = np.asarray(G, np.float64)
+  r = G.shape[0]
+  if np.trace(G) == 0:
+    return np.zeros_like(G)
+  return np.linalg.inv(G + damping * np.trace(G) / r * np.eye(r))
+
+
+def damped_lorapro_gradients(gA_lora, gB_lora, A, B, s, x_choice, damping):
+  """Theorem 2.1 with both Gram matrices damped, G → G + δ·(tr G / r)·I, as the package
+  computes it (``damping`` = δ). Written from the equations, independently of the package:
+
+    g^A = G_B⁻¹·g_lora^A / s² + X·A,
+    g^B = (I - B·G_B⁻¹·Bᵀ)·g_lora^B·G_A⁻¹ / s² - B·X   (an explicit m×m matrix),
+
+  with G_B = BᵀB and G_A = AAᵀ damped, and X from the damped Eq. (15),
+  G_B·X + X·G_A = -G_B⁻¹·g_lora^A·Aᵀ / s² (Kronecker form), the damped corrected
+  Eq. (16), X = -G_B⁻¹·Bᵀ·g_lora^B·G_A⁻¹ / (2s²), or zero.
+  """
+  gA_lora, gB_lora, A, B = _f64(gA_lora, gB_lora, A, B)
+  r, m = A.shape[0], B.shape[0]
+  G_A, G_B = A @ A.T, B.T @ B
+  inv_A, inv_B = damped_inv(G_A, damping), damped_inv(G_B, damping)
+  if x_choice == "zero":
+    X = np.zeros((r, r))
+  elif x_choice == "symmetric":
+    X = -inv_B @ B.T @ gB_lora @ inv_A / (2 * s**2)
+  elif x_choice == "sylvester":
+    damp = lambda G: G + damping * np.trace(G) / r * np.eye(r)
+    C = -inv_B @ gA_lora @ A.T / s**2
+    K = np.kron(np.eye(r), damp(G_B)) + np.kron(damp(G_A).T, np.eye(r))
+    X = np.linalg.solve(K, C.reshape(-1, order="F")).reshape(r, r, order="F")
+  else:
+    raise ValueError(x_choice)
+  gA = inv_B @ gA_lora / s**2 + X @ A
+  gB = (np.eye(m) - B @ inv_B @ B.T) @ gB_lora @ inv_A / s**2 - B @ X
+  return gA, gB
 
 
 def adam_direction(g, m, v, t, b1=0.9, b2=0.999, eps=1e-8):
@@ -240,3 +282,55 @@ def printed_eq16(g, A, B, s):
   (g,) = _f64(g)
   P_B, P_A = projectors(A, B)
   return -(P_B @ g @ P_A) / (2 * s)
+
+
+# ------------------------------------------------------- factored mode, dense
+
+
+def factored_step(
+  gA_lora, gB_lora, A, B, s, M, R, C, t, x_choice="sylvester", b1=0.9, b2=0.999, eps=1e-8
+):
+  """One factored-mode step, dense, at fixed (A, B): Algorithm 3 with the
+  first moment M re-projected onto the current span before it is updated,
+  and Adafactor's factored second moment.
+
+  * g̃ = s·B·g^A + s·g^B·A for Theorem 2.1's (g^A, g^B) at X = 0 (Eq. 55).
+  * M ← β1·(P_B·M + (I - P_B)·M·P_A) + (1 - β1)·g̃ (Theorem 2.1's optimum
+    with M as the full gradient: M's best approximation in the span).
+  * R ← β2·R + (1 - β2)·(mean_j g̃_ij² + ε²), C ← β2·C + (1 - β2)·(mean_i g̃_ij² + ε²).
+  * V̂ = R̂·Ĉᵀ / mean(R̂) with R̂ = R/(1 - β2ᵗ), Ĉ = C/(1 - β2ᵗ) (Adafactor).
+  * D = (M / (1 - β1ᵗ)) ⊘ √V̂, then Eq. (56) and Theorem 2.1 with X.
+
+  Returns (g̃^A, g̃^B, M, R, C) with M, R, C the new moments (m×n, m, n).
+  """
+  A, B, M, R, C = _f64(A, B, M, R, C)
+  gA, gB = adjust(gA_lora, gB_lora, A, B, s, x_zero(A, B))
+  g = equivalent_gradient(gA, gB, A, B, s)
+  M = b1 * projected_gradient(M, A, B) + (1 - b1) * g
+  R = b2 * R + (1 - b2) * (np.mean(g**2, axis=1) + eps**2)
+  C = b2 * C + (1 - b2) * (np.mean(g**2, axis=0) + eps**2)
+  R_hat, C_hat = R / (1 - b2**t), C / (1 - b2**t)
+  V_hat = np.outer(R_hat, C_hat) / np.mean(R_hat)
+  D = (M / (1 - b1**t)) / np.sqrt(V_hat)
+  gA, gB = lorapro_gradients(s * B.T @ D, s * D @ A.T, A, B, s, x_choice)
+  return gA, gB, M, R, C
+
+
+def factored(
+  A0, B0, full_grads, lrs, s, x_choice="sylvester", b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0
+):
+  """Factored mode for one pair, dense, with Eq. (57)-(58) weight decay.
+
+  Returns the list of (A_t, B_t, M_t, R_t, C_t) after each step.
+  """
+  A, B = _f64(A0, B0)
+  m_, n_ = B.shape[0], A.shape[1]
+  M, R, C = np.zeros((m_, n_)), np.zeros(m_), np.zeros(n_)
+  out = []
+  for t, lr in enumerate(lrs, start=1):
+    gA_lora, gB_lora = lora_gradients(full_grads(t, A, B), A, B, s)
+    gA, gB, M, R, C = factored_step(gA_lora, gB_lora, A, B, s, M, R, C, t, x_choice, b1, b2, eps)
+    decay = np.sqrt(1 - lr * weight_decay)
+    A, B = decay * A - lr * gA, decay * B - lr * gB
+    out.append((A.copy(), B.copy(), M.copy(), R.copy(), C.copy()))
+  return out

@@ -1,0 +1,215 @@
+"""Factored mode (`lorapro(mode="factored")`) against the dense float64 reference.
+
+The reference (`reference.factored`) runs the same algorithm with m×n arrays:
+the first moment re-projected onto the current span, Adafactor's V̂ = R̂·Ĉᵀ/mean(R̂)
+from dense row and column means of g̃². The library never forms an m×n array.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import lorapro_jax as lpj
+from lorapro_jax import moments as moments_lib
+from tests import reference as ref
+from tests.helpers import LAYOUTS, TINY_DAMPING, get_pair, pair_tree, pairs_arg
+
+M, N, R, S, LR = 7, 5, 2, 2.0, 1e-2
+
+
+def _quadratic(seed, m, n, s):
+  """Full gradient of ½‖W0 + s·B·A - T‖² at (A, B)."""
+  rng = np.random.default_rng(seed)
+  W0, T = rng.standard_normal((m, n)), rng.standard_normal((m, n))
+  return lambda t, A, B: W0 + s * B @ A - T
+
+
+def _train(tx, A0, B0, full_grad, steps, s, layout):
+  """[(A_t, B_t, state_t)] for ``steps`` steps of ``tx`` on one pair (paper layout)."""
+  params = jax.tree.map(jnp.asarray, pair_tree(A0, B0, layout))
+  state = tx.init(params)
+  out = []
+  for t in range(1, steps + 1):
+    A, B = get_pair(params, layout)
+    gA, gB = ref.lora_gradients(full_grad(t, A, B), A, B, s)
+    grads = jax.tree.map(jnp.asarray, pair_tree(gA, gB, layout))
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    out.append((*get_pair(params, layout), state))
+  return out
+
+
+def _tx(layout, x_choice="sylvester", **kw):
+  return optax.chain(
+    lpj.lorapro(
+      S,
+      mode="factored",
+      x_choice=x_choice,
+      damping=TINY_DAMPING,
+      moment_dtype=jnp.float64,
+      pairs=pairs_arg(layout),
+      **kw,
+    ),
+    optax.scale_by_learning_rate(LR),
+  )
+
+
+def _close(got, want, rtol=1e-7):
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * np.max(np.abs(want)))
+
+
+def _paper(x, layout):
+  return np.asarray(x) if layout == "paper" else np.swapaxes(np.asarray(x), -1, -2)
+
+
+def _stored_momentum(moments, layout):
+  """M = s·B̂_prev·N_A + s·N_B·Â_prev from the state (paper layout, float64)."""
+  A_p, B_p = _paper(moments.a_prev, layout), _paper(moments.b_prev, layout)
+  N_A, N_B = _paper(moments.m_a, layout), _paper(moments.m_b, layout)
+  hat = lambda x: x / np.max(np.abs(x)) if np.any(x) else x
+  return S * hat(B_p) @ N_A + S * N_B @ hat(A_p)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("x_choice", ["sylvester", "symmetric"])
+def test_matches_the_dense_reference_and_its_momentum(x64, layout, x_choice):
+  """Five steps from LoRA's initialisation (B = 0): factors, the stored
+  momentum re-expressed as an m×n matrix, and the factored second moment
+  all equal the dense reference, which projects M onto the span each step."""
+  rng = np.random.default_rng(1)
+  A0, B0 = rng.standard_normal((R, N)), np.zeros((M, R))
+  fg = _quadratic(2, M, N, S)
+  want = ref.factored(A0, B0, fg, [LR] * 5, S, x_choice=x_choice)
+  got = _train(_tx(layout, x_choice), A0, B0, fg, 5, S, layout)
+  for (gA, gB, state), (wA, wB, wM, wR, wC) in zip(got, want):
+    _close(gA, wA)
+    _close(gB, wB)
+    moments = state[0].pair_moments["layer"]
+    assert isinstance(moments, lpj.FactoredMoments)
+    _close(_stored_momentum(moments, layout), wM)
+    _close(moments.row, wR)
+    _close(moments.col, wC)
+
+
+def test_b1_zero_is_algorithm_3_with_adafactors_second_moment(x64):
+  """β1 = 0 keeps no first moment (half the state): each step's direction is
+  g̃ ⊘ √V̂ with Adafactor's V̂, then Eq. (56) and Theorem 2.1."""
+  rng = np.random.default_rng(3)
+  A0, B0 = rng.standard_normal((R, N)), 0.3 * rng.standard_normal((M, R))
+  fg = _quadratic(4, M, N, S)
+  want = ref.factored(A0, B0, fg, [LR] * 4, S, b1=0.0)
+  got = _train(_tx("flax", b1=0.0), A0, B0, fg, 4, S, "flax")
+  for (gA, gB, state), (wA, wB, _, wR, wC) in zip(got, want):
+    _close(gA, wA)
+    _close(gB, wB)
+    moments = state[0].pair_moments["layer"]
+    assert isinstance(moments, lpj.FactoredSecondMoment)
+    _close(moments.row, wR)
+    _close(moments.col, wC)
+
+
+def test_outer_product_second_moment_gives_algorithm_3(x64):
+  """Where g̃² is exactly an outer product (r = 1 and B = 0: g̃ = s·g^B·A is
+  rank one), Adafactor's V̂ is exact, so the first step equals Algorithm 3's
+  with its dense Adam moments (ε negligible in both)."""
+  rng = np.random.default_rng(5)
+  A0, B0 = rng.standard_normal((1, N)), np.zeros((M, 1))
+  fg = _quadratic(6, M, N, S)
+  want = ref.algorithm3(A0, B0, fg, [LR], S, eps=1e-14)
+  [(gA, gB, _)] = _train(_tx("paper", eps=1e-14), A0, B0, fg, 1, S, "paper")
+  _close(gA, want[0][0], rtol=1e-9)
+  _close(gB, want[0][1], rtol=1e-9)
+
+
+def test_dense_reference_differs_from_algorithm_3_in_general(x64):
+  """The checks above are not vacuous: with rank-2 g̃ the factored V̂ is not
+  Adam's, and the trajectories differ."""
+  rng = np.random.default_rng(1)
+  A0, B0 = rng.standard_normal((R, N)), np.zeros((M, R))
+  fg = _quadratic(2, M, N, S)
+  dense = ref.algorithm3(A0, B0, fg, [LR] * 3, S)[-1]
+  factored = ref.factored(A0, B0, fg, [LR] * 3, S)[-1]
+  assert np.max(np.abs(dense[1] - factored[1])) > 1e-3 * np.max(np.abs(dense[1]))
+
+
+def test_row_and_column_sums_of_squares_from_factors(x64):
+  rng = np.random.default_rng(7)
+  us = [rng.standard_normal((M, R)) for _ in range(2)]
+  vs = [rng.standard_normal((R, N)) for _ in range(2)]
+  dense = sum(u @ v for u, v in zip(us, vs))
+  for layout in LAYOUTS:
+    flax = layout == "flax"
+    L = moments_lib.LowRank(
+      tuple(jnp.asarray((u.T if flax else u)[None]) for u in us),
+      tuple(jnp.asarray((v.T if flax else v)[None]) for v in vs),
+    )
+    _close(moments_lib.row_sq(layout, L)[0], np.sum(dense**2, axis=1), 1e-12)
+    _close(moments_lib.col_sq(layout, L)[0], np.sum(dense**2, axis=0), 1e-12)
+
+
+def test_state_is_lora_sized():
+  """State: A- and B-sized first-moment factors and previous factors, an m-
+  and an n-vector: AdamW-on-LoRA's size plus (m + n); none m×n."""
+  params = {"l": {"lora_a": jnp.zeros((3, 40, 4)), "lora_b": jnp.zeros((3, 4, 30))}}
+  state = lpj.lorapro(mode="factored").init(params)
+  moments = state.pair_moments["l"]
+  shapes = {k: v.shape for k, v in moments._asdict().items()}
+  assert shapes == {
+    "m_a": (3, 40, 4),
+    "m_b": (3, 4, 30),
+    "a_prev": (3, 40, 4),
+    "b_prev": (3, 4, 30),
+    "row": (3, 30),
+    "col": (3, 40),
+  }
+  nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree) if x.ndim)  # no counts
+  adamw = optax.adamw(1e-3).init(params)
+  assert nbytes(state.pair_moments) == nbytes(adamw) + 4 * 3 * (30 + 40)
+  half = lpj.lorapro(mode="factored", b1=0.0).init(params)
+  assert nbytes(half.pair_moments) == 4 * 3 * (30 + 40)
+
+
+# Llama-2-7B shapes: attention (4096 → 4096) and MLP (4096 → 11008), r = 8.
+LLAMA = {"q": (4096, 4096), "up": (4096, 11008), "down": (11008, 4096)}
+
+
+def _llama_params(r=8):
+  return {
+    k: {
+      "lora_a": jax.ShapeDtypeStruct((n, r), jnp.float32),
+      "lora_b": jax.ShapeDtypeStruct((r, m), jnp.float32),
+    }
+    for k, (n, m) in LLAMA.items()
+  }
+
+
+def _largest_array(hlo: str) -> int:
+  sizes = [
+    int(np.prod([int(d) for d in dims.split("x") if d])) if dims else 1
+    for dims in re.findall(r"tensor<((?:\d+x)*)(?:f|bf|i|ui)\d+>", hlo)
+  ]
+  return max(sizes)
+
+
+@pytest.mark.parametrize("mode", ["factored", "full"])
+def test_no_m_by_n_array_at_llama_shapes(mode):
+  """The jitted update, lowered abstractly at Llama-2-7B shapes (nothing is
+  allocated): no array in factored mode holds m·n elements, not even an
+  intermediate. Full mode, which keeps m×n moments, shows that the check
+  can fail."""
+  params = _llama_params()
+  tx = lpj.lorapro_adamw(1e-4, mode=mode, scale=2.0)
+  state = jax.eval_shape(tx.init, params)
+  hlo = jax.jit(tx.update).lower(params, state, params).as_text()
+  smallest_weight = min(m * n for m, n in LLAMA.values())
+  if mode == "factored":
+    assert _largest_array(hlo) < smallest_weight // 64
+  else:
+    assert _largest_array(hlo) >= smallest_weight
