@@ -81,7 +81,7 @@ def _assert_bitwise_equal(a, b):
     assert x.tobytes() == y.tobytes()
 
 
-@pytest.mark.parametrize("mode", ["efficient", "full"])
+@pytest.mark.parametrize("mode", ["efficient", "full", "factored"])
 def test_resumed_run_is_bitwise_identical(tmp_path, mode):
   tx = _make_tx(mode)
   step = _make_step(tx)
