@@ -39,8 +39,11 @@ from jax.sharding import PartitionSpec as P
 import lorapro_jax as lpj
 
 # Two pair shapes (two groups of one rank share one batched eigh), a stack of
-# layers and a non-LoRA leaf. Flax layout: lora_a (..., in, r), lora_b (..., r, out).
+# layers, multi-axis features (v: out features (heads, head_dim), as an attention
+# projection's; o: in features (heads, head_dim), as an output projection's) and
+# a non-LoRA leaf. Flax layout: lora_a (batch…, in…, r), lora_b (batch…, r, out…).
 IN, OUT, OUT2, R, LAYERS, SCALE = 64, 128, 96, 4, 2, 2.0
+HEADS = 8
 STEPS = 3
 
 # Each layout: mesh axis names and shape, and the PartitionSpec of every leaf.
@@ -51,8 +54,9 @@ LAYOUTS = {
     (8,),
     {
       "q": {"lora_a": P("fsdp", None), "lora_b": P(None, "fsdp")},
-      "v": {"lora_a": P("fsdp", None), "lora_b": P(None, "fsdp")},
+      "v": {"lora_a": P("fsdp", None), "lora_b": P(None, "fsdp", None)},
       "mlp": {"lora_a": P(None, "fsdp", None), "lora_b": P(None, None, "fsdp")},
+      "o": {"lora_a": P("fsdp", None, None), "lora_b": P(None, "fsdp")},
       "head": P("fsdp", None),
     },
   ),
@@ -62,8 +66,9 @@ LAYOUTS = {
     (8,),
     {
       "q": {"lora_a": P(), "lora_b": P(None, "model")},
-      "v": {"lora_a": P(), "lora_b": P(None, "model")},
+      "v": {"lora_a": P(), "lora_b": P(None, "model", None)},  # split over heads
       "mlp": {"lora_a": P(), "lora_b": P(None, None, "model")},
+      "o": {"lora_a": P("model", None, None), "lora_b": P()},  # row-parallel
       "head": P(None, "model"),
     },
   ),
@@ -76,6 +81,7 @@ LAYOUTS = {
       "q": {"lora_a": P(), "lora_b": P()},
       "v": {"lora_a": P(), "lora_b": P()},
       "mlp": {"lora_a": P(), "lora_b": P()},
+      "o": {"lora_a": P(), "lora_b": P()},
       "head": P(),
     },
   ),
@@ -87,6 +93,7 @@ DP_MOMENT_SPECS = {
   "q": P("data", None),
   "v": P("data", None),
   "mlp": P(None, "data", None),
+  "o": P("data", None, None),
   "head": P("data", None),
 }
 
@@ -101,26 +108,31 @@ def make_params(dtype):
   normal = lambda *s: rng.standard_normal(s).astype(dtype)
   return {
     "q": {"lora_a": normal(IN, R), "lora_b": normal(R, OUT)},
-    "v": {"lora_a": normal(IN, R), "lora_b": normal(R, OUT2)},
+    "v": {"lora_a": normal(IN, R), "lora_b": normal(R, HEADS, OUT2 // HEADS)},
     "mlp": {"lora_a": normal(LAYERS, IN, R), "lora_b": normal(LAYERS, R, OUT)},
+    "o": {"lora_a": normal(HEADS, IN // HEADS, R), "lora_b": normal(R, OUT)},
     "head": normal(OUT, 8),
   }
 
 
 def make_grads(params, step):
   """Consistent LoRA gradients of a random full kernel gradient G (in, out):
-  dL/da = s·G·bᵀ, dL/db = s·aᵀ·G (Eq. 5 in the flax layout)."""
+  dL/da = s·G·bᵀ, dL/db = s·aᵀ·G (Eq. 5 in the flax layout), with the feature
+  axes of multi-axis pairs merged for the products."""
   rng = np.random.default_rng(100 + step)
+  pairs = {f.path[0]: f for f in lpj.find_pairs(params)}
   out = {}
   for k, v in params.items():
     if k == "head":
       out[k] = rng.standard_normal(v.shape).astype(v.dtype)
       continue
+    f = pairs[k]
     a, b = np.asarray(v["lora_a"]), np.asarray(v["lora_b"])
-    G = rng.standard_normal(a.shape[:-1] + b.shape[-1:]).astype(a.dtype)
+    a2, b2 = a.reshape(f.batch_shape + (f.n, f.r)), b.reshape(f.batch_shape + (f.r, f.m))
+    G = rng.standard_normal(f.batch_shape + (f.n, f.m)).astype(a.dtype)
     out[k] = {
-      "lora_a": SCALE * G @ np.swapaxes(b, -1, -2),
-      "lora_b": SCALE * np.swapaxes(a, -1, -2) @ G,
+      "lora_a": (SCALE * G @ np.swapaxes(b2, -1, -2)).reshape(a.shape),
+      "lora_b": (SCALE * np.swapaxes(a2, -1, -2) @ G).reshape(b.shape),
     }
   return out
 
@@ -128,7 +140,7 @@ def make_grads(params, step):
 def make_tx(mode):
   if mode == "efficient":
     return optax.chain(lpj.lorapro(SCALE), optax.sgd(0.01))
-  return lpj.lorapro_adamw(0.01, scale=SCALE, mode="full", weight_decay=0.1)
+  return lpj.lorapro_adamw(0.01, scale=SCALE, mode=mode, weight_decay=0.1)
 
 
 def spec_of(x):
@@ -141,13 +153,17 @@ def spec_of(x):
 
 
 def moment_specs(state):
-  """Specs of the full mode's moments: each pair's m×n first moment (its
-  second is checked to match) and the Adam moment of the non-LoRA head."""
+  """Specs of the moments: per pair, the m×n first moment (full mode; its
+  second is checked to match) or every field (factored mode), and the Adam
+  moment of the non-LoRA head."""
   lorapro_state = state[0]
   out = {}
   for key, moments in lorapro_state.pair_moments.items():
-    assert spec_of(moments.mu) == spec_of(moments.nu), key
-    out[key] = spec_of(moments.mu)
+    if isinstance(moments, lpj.FullMoments):
+      assert spec_of(moments.mu) == spec_of(moments.nu), key
+      out[key] = spec_of(moments.mu)
+    else:
+      out[key] = {k: spec_of(v) for k, v in moments._asdict().items()}
   out["head"] = spec_of(lorapro_state.adam_state.inner_state.mu["head"])
   return out
 
@@ -187,6 +203,7 @@ def train(tx, params, state, steps, update=None):
   return params, state, history
 
 
+MOMENT_MODES = ("full", "factored")
 _REFERENCE = {}
 
 
@@ -204,10 +221,10 @@ def run_case(name, mode, dtype):
 
   params = jax.device_put(host, shardings)
   report = {"layout": name, "mode": mode, "dtype": np.dtype(dtype).name}
-  if mode == "full":
+  if mode in MOMENT_MODES:
     report["moments_eager_init"] = moment_specs(tx.init(params))
     # Under jit, freshly created zeros have no tie to the params: pass shardings.
-    if name == "dp":
+    if name == "dp" and mode == "full":
       state_sh = dp_state_shardings(tx, params, mesh)
     else:
       state_sh = lpj.state_shardings(tx, params)
@@ -226,7 +243,7 @@ def run_case(name, mode, dtype):
   _, state, updates = train(tx, params, state, STEPS, update)
   report["update_specs"] = jax.tree.map(spec_of, updates[-1])
   report["param_specs"] = jax.tree.map(spec_of, params)
-  if mode == "full":
+  if mode in MOMENT_MODES:
     report["moments_after_steps"] = moment_specs(state)
   # Every step's updates, relative to the largest single-device update of the leaf.
   f64 = lambda x: np.asarray(x, np.float64)
@@ -245,12 +262,13 @@ def main():
   assert jax.device_count() == 8, jax.devices()
   reports = []
   for name in LAYOUTS:
-    for mode in ("efficient", "full"):
+    for mode in ("efficient", *MOMENT_MODES):
       reports.append(run_case(name, mode, np.float32))
   if os.environ.get("LORAPRO_SHARDING_X64"):  # float64: agreement down to rounding
     with jax.enable_x64(True):
       reports.append(run_case("fsdp", "full", np.float64))
-  meta = {"shapes": {"in": IN, "out": OUT, "out2": OUT2, "r": R, "layers": LAYERS}}
+  shapes = {"in": IN, "out": OUT, "out2": OUT2, "r": R, "layers": LAYERS, "heads": HEADS}
+  meta = {"shapes": shapes}
   print(json.dumps({"meta": meta, "cases": reports}))
 
 

@@ -18,7 +18,7 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LAYOUTS = ("fsdp", "tp", "dp")
-MODES = ("efficient", "full")
+MODES = ("efficient", "full", "factored")
 MESH_AXIS = {"fsdp": "fsdp", "tp": "model", "dp": "data"}
 
 
@@ -90,20 +90,23 @@ def test_updates_are_sharded_like_the_params(report, layout, mode):
     assert _norm(updates[path]) == _norm(spec), path
 
 
-# Moments of the full mode, flax layout (..., in, out), by pair: split like the
+# Moments of the full mode, flax layout (..., in…, out…), by pair: split like the
 # adapted weight. FSDP splits A (in) and B (out) over one mesh axis, which can
 # split one axis of the moment only: out features, as B @ A is computed.
+# v: (in, heads, head_dim), o: (heads, head_dim, out).
 EXPECTED_MOMENTS = {
   "fsdp": {
     "q": [None, "fsdp"],
     "v": [None, "fsdp"],
     "mlp": [None, None, "fsdp"],
+    "o": [None, None, "fsdp"],
     "head": ["fsdp"],
   },
   "tp": {
     "q": [None, "model"],
     "v": [None, "model"],
     "mlp": [None, None, "model"],
+    "o": ["model"],
     "head": [None, "model"],
   },
   # Replicated params, ZeRO-style moments given through out_shardings.
@@ -111,6 +114,7 @@ EXPECTED_MOMENTS = {
     "q": ["data"],
     "v": ["data"],
     "mlp": [None, "data"],
+    "o": ["data"],
     "head": ["data"],
   },
 }
@@ -173,8 +177,95 @@ def test_full_mode_never_moves_an_m_by_n_array(report, layout):
   if layout == "fsdp":
     for c in gathers:
       (dims,) = _arrays(c["shape"])
-      # (in, r) or (in, 2r), with or without a leading batch axis of layers
+      # (in, r) or (in, 2r), with or without a leading batch axis of layers; o's
+      # in features (heads, in / heads) are gathered merged
       assert sorted(dims[-2:]) in (sorted([shapes["in"], r]), sorted([shapes["in"], 2 * r])), c
       assert len(dims) == 2 or dims[0] in (1, shapes["layers"]), c
   elif layout == "tp":
     assert gathers == []
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_factored_mode_state_is_laid_out_like_the_factors(report, layout):
+  """Factored mode: first-moment factors and previous factors like A and B,
+  the m-vector like B's out axes, the n-vector like A's in axes, at eager
+  init, jitted init (`state_shardings`) and after the steps."""
+  shapes, cases = report
+  case = cases[layout, "factored", "float32"]
+  params = {k: v for k, v in case["param_specs"].items() if k != "head"}
+  for stage in ("moments_eager_init", "moments_jit_init", "moments_after_steps"):
+    got = case[stage]
+    assert set(got) == set(params) | {"head"}, stage
+    for key, p in params.items():
+      a, b = _norm(p["lora_a"]), _norm(p["lora_b"])
+      m = {k: _norm(v) for k, v in got[key].items()}
+      assert m["m_a"] == m["a_prev"] == a, (stage, key, m)
+      assert m["m_b"] == m["b_prev"] == b, (stage, key, m)
+      nb = 1 if key == "mlp" else 0  # the stacked layers' batch axis
+      pad = lambda spec, n: (list(spec) + [None] * n)[:n]
+      if key == "o":  # in features (heads, head_dim): a (heads, head_dim, r)
+        in_axes, out_axes = pad(a, 2), pad(b, nb + 2)[nb + 1 :]
+      elif key == "v":  # out features (heads, head_dim): b (r, heads, head_dim)
+        in_axes, out_axes = pad(a, 1), pad(b, 3)[1:]
+      else:
+        in_axes, out_axes = pad(a, nb + 2)[nb : nb + 1], pad(b, nb + 2)[nb + 1 :]
+      batch = pad(b, nb)
+      assert m["row"] == _norm(batch + out_axes), (stage, key, m)
+      assert m["col"] == _norm(pad(a, nb) + in_axes), (stage, key, m)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_factored_mode_never_moves_an_m_by_n_array(report, layout):
+  shapes, cases = report
+  smallest_weight = shapes["in"] * min(shapes["out"], shapes["out2"])
+  for c in cases[layout, "factored", "float32"]["collectives"]:
+    for dims in _arrays(c["shape"]):
+      assert math.prod(dims) < smallest_weight, c
+
+
+def test_weight_sharding_of_multi_axis_pairs():
+  """In process, on a one-device mesh (the specs do not depend on the mesh's
+  size): a kernel's (heads, head_dim) axes take the mesh axes of the leaf
+  that carries them; `feature_axes` gives them per group."""
+  import jax
+  import numpy as np
+  from jax.sharding import Mesh, NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  import lorapro_jax as lpj
+  from lorapro_jax import sharding
+
+  mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("fsdp", "model"))
+  leaf = lambda shape, *spec: jax.ShapeDtypeStruct(
+    shape, "float32", sharding=NamedSharding(mesh, P(*spec))
+  )
+  cases = [  # a, b, (batch, in, out) mesh axes, the moment's spec
+    # q: kernel (D, N, H), a (D, r) split over fsdp, b (r, N, H) over heads
+    (
+      leaf((16, 3), "fsdp"),
+      leaf((3, 4, 8), None, "model"),
+      ((), ("fsdp",), ("model", None)),
+      ("fsdp", "model", None),
+    ),
+    # o: kernel (N, H, D), row-parallel a (N, H, r), FSDP b (r, D)
+    (
+      leaf((4, 8, 3), "model"),
+      leaf((3, 16), None, "fsdp"),
+      ((), ("model", None), ("fsdp",)),
+      ("model", None, "fsdp"),
+    ),
+    # stacked q, FSDP over in and heads: out features come first
+    (
+      leaf((2, 16, 3), None, "fsdp"),
+      leaf((2, 3, 4, 8), None, None, "fsdp"),
+      ((None,), ("fsdp",), ("fsdp", None)),
+      (None, None, "fsdp", None),
+    ),
+  ]
+  for a, b, axes, want in cases:
+    (f,) = lpj.find_pairs({"l": {"lora_a": a, "lora_b": b}})
+    assert sharding.feature_axes(f, a.sharding, b.sharding) == axes
+    got = sharding.weight_sharding(f, a, b)
+    assert tuple(got.spec) == want and len(want) == len(f.weight_shape)
+  (got,) = lpj.full_moment_shardings({"l": {"lora_a": cases[0][0], "lora_b": cases[0][1]}}).values()
+  assert tuple(got.mu.spec) == cases[0][3]
