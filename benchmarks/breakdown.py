@@ -12,11 +12,13 @@ the step users run:
   grams          + the four r×r products per pair (AAᵀ, BᵀB, g^A·Aᵀ, Bᵀ·g^B), returned
   grams+amax     + max|g| of both gradients (the bound behind the finite-output check)
   outs-fused     AdamW on the K = r output products g^A = g_lora^A·M1ᵀ + A·M2ᵀ,
-                 g^B = M3ᵀ·g_lora^B - M4ᵀ·B (random r×r coefficients: the values do
-                 not change the time), written as r broadcast multiply-adds, as
+                 g^B = M3ᵀ·g_lora^B - M4ᵀ·B (random r×r coefficients, passed as an
+                 argument so that XLA cannot fold them into the code as constants;
+                 the values do not change the time), written as r broadcast multiply-adds, as
                  `lorapro_jax` does at r <= 16, and left to XLA to fuse into AdamW
-  outs-barrier   the same, materialised once (``jax.lax.optimization_barrier``), as
-                 the library's ``lax.cond`` does
+  outs-cond      the same, materialised once as the output of a ``lax.cond`` (on a
+                 run-time r×r predicate, as the library's raw-or-normalised choice);
+                 ``jax.lax.optimization_barrier`` does not materialise them on XLA:CPU
   lorapro        chain(lorapro(), adamw), the library as users run it
 
 The components are written here with plain ``jnp`` (they are the library's raw-path
@@ -79,23 +81,37 @@ def _right(X, M):
   return sum((M[s, :, None] * X[s, None, :] for s in range(1, r)), M[0, :, None] * X[0, None, :])
 
 
-def _outputs(params, grads, coef, barrier):
-  leaves = []
-  for (a, b), (ga, gb) in zip(_pairs(params), _pairs(grads)):
-    leaves.append(_left(coef[0], ga) + _left(coef[1], a))
-    leaves.append(_right(gb, coef[2]) - _right(b, coef[3]))
-  if barrier:
-    leaves = jax.lax.optimization_barrier(leaves)
+def _outputs(params, grads, coef, materialise):
+  def products():
+    leaves = []
+    for (a, b), (ga, gb), c in zip(_pairs(params), _pairs(grads), coef):
+      leaves.append(_left(c[0], ga) + _left(c[1], a))
+      leaves.append(_right(gb, c[2]) - _right(b, c[3]))
+    return leaves
+
+  if materialise:  # the library's structure: a cond whose branch writes the products
+    leaves = jax.lax.cond(
+      jnp.all(jnp.isfinite(coef)), products, lambda: [jnp.zeros_like(x) for x in products()]
+    )
+  else:
+    leaves = products()
   it = iter(leaves)
   return jax.tree.map(lambda _: next(it), grads)  # pairs are leaves in tree order
 
 
-def arms(rank):
-  coef = jnp.asarray(0.1 * np.random.default_rng(0).standard_normal((4, rank, rank)), jnp.float32)
+def coefficients(rank, n_pairs):
+  """Random r×r coefficients (4 per pair), an argument of the output-product arms."""
+  rng = np.random.default_rng(0)
+  return jnp.asarray(0.1 * rng.standard_normal((n_pairs, 4, rank, rank)), jnp.float32)
+
+
+def arms():
+  """name -> (step(params, state, grads, coef), optimizer)."""
   adamw = optax.adamw(LR, weight_decay=WD)
 
   def plain(extra=None):
-    def step(params, state, grads):
+    def step(params, state, grads, coef):
+      del coef
       extras = None if extra is None else extra(params, grads)
       updates, state = adamw.update(grads, state, params)
       return optax.apply_updates(params, updates), state, extras
@@ -103,7 +119,7 @@ def arms(rank):
     return step
 
   def outs(barrier):
-    def step(params, state, grads):
+    def step(params, state, grads, coef):
       g = _outputs(params, grads, coef, barrier)
       updates, state = adamw.update(g, state, params)
       return optax.apply_updates(params, updates), state, None
@@ -112,7 +128,8 @@ def arms(rank):
 
   chained = optax.chain(lpj.lorapro(SCALE), adamw)
 
-  def library(params, state, grads):
+  def library(params, state, grads, coef):
+    del coef
     updates, state = chained.update(grads, state, params)
     return optax.apply_updates(params, updates), state, None
 
@@ -121,7 +138,7 @@ def arms(rank):
     "grams": (plain(lambda p, g: _grams(p, g, False)), adamw),
     "grams+amax": (plain(lambda p, g: _grams(p, g, True)), adamw),
     "outs-fused": (outs(False), adamw),
-    "outs-barrier": (outs(True), adamw),
+    "outs-cond": (outs(True), adamw),
     "lorapro": (library, chained),
   }
 
@@ -138,10 +155,11 @@ def main(argv=None):
   warnings.filterwarnings("ignore", message=".*[Dd]onat.*")
 
   params, grads = models.lora_tree(models.MODELS[args.model], args.layers, args.rank, seed=1)
+  coef = coefficients(args.rank, len(_pairs(params)))
   runners = []
-  for name, (step, tx) in arms(args.rank).items():
+  for name, (step, tx) in arms().items():
     p = jax.tree.map(jnp.copy, params)
-    runners.append(timing.Runner(name, step, [p, tx.init(p), grads], carry=(0, 1)))
+    runners.append(timing.Runner(name, step, [p, tx.init(p), grads, coef], carry=(0, 1)))
   passes = {}
   for rn in runners:
     rn.compile()

@@ -86,7 +86,7 @@ def test_breakdown_prints_every_component(capsys):
     ["--model", "tiny", "--layers", "1", "--target-s", "0.05", "--rounds", "1", "--passes"]
   )
   out = capsys.readouterr().out
-  for name in ("adamw", "grams", "grams+amax", "outs-fused", "outs-barrier", "lorapro"):
+  for name in ("adamw", "grams", "grams+amax", "outs-fused", "outs-cond", "lorapro"):
     assert f"  {name} " in out, name
   assert "passes" in out
 
