@@ -1,15 +1,20 @@
 """Finding LoRA pairs: name presets, multi-key specs, callables, per-layer scales,
-Flax NNX state paths, and the validation errors of `find_pairs`."""
+Flax NNX state paths, multi-axis pairs and batch_axes, and the validation errors of
+`find_pairs`."""
 
 from __future__ import annotations
+
+import math
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import lorapro_jax as lpj
+from lorapro_jax.pairs import flat_shape, stored_shape
 from tests import reference as ref
 from tests.helpers import TINY_DAMPING, random_pair
 
@@ -271,3 +276,161 @@ def test_equivalent_gradients_one_entry_per_pair_with_callable(x64, rng):
       params["l"][x + k] if x in "ab" else updates["l"][x[1] + k] for x in ("a", "b", "ga", "gb")
     )
     _close(out[("l", "a" + k)], ga @ b + a @ gb, rtol=1e-12)  # (s·B·g^A + s·g^B·A)ᵀ, s = 1
+
+
+# ------------------------------------------------ multi-axis pairs and batch_axes (issue 12)
+
+# (layout, A leaf shape, B leaf shape, (batch, in, out, r)): what Qwix creates for
+# nnx.Einsum kernels, stacked layers, and their mirror images in the paper layout.
+MULTI_AXIS = [
+  ("flax", (16, 3), (3, 4, 8), ((), (16,), (4, 8), 3)),  # "bd,dhk->bhk", kernel (16, 4, 8)
+  ("flax", (4, 8, 3), (3, 16), ((), (4, 8), (16,), 3)),  # "BTNH,NHD->BTD", kernel (4, 8, 16)
+  ("flax", (2, 16, 3), (2, 3, 4, 8), ((2,), (16,), (4, 8), 3)),  # two stacked layers
+  ("flax", (2, 5, 6, 3), (2, 5, 3, 7), ((2, 5), (6,), (7,), 3)),  # layers × experts
+  ("flax", (6, 16, 3), (3, 24), ((), (6, 16), (24,), 3)),  # "lbd,ldh->lbh": Qwix shares b over l
+  ("paper", (3, 4, 8), (16, 3), ((), (4, 8), (16,), 3)),
+  ("paper", (2, 3, 16), (2, 4, 8, 3), ((2,), (16,), (4, 8), 3)),
+]
+_NAMES = {"flax": ("lora_a", "lora_b"), "paper": ("lora_A", "lora_B")}
+_SPEC = {"flax": lpj.FLAX_NNX, "paper": lpj.PEFT}
+
+
+def _one_pair(layout, a, b):
+  return {"l": dict(zip(_NAMES[layout], (jnp.zeros(a), jnp.zeros(b))))}
+
+
+def _to_paper_2d(f, a, b):
+  """A pair's leaves (or gradients) as float64 (N, r, n) and (N, m, r), the paper layout."""
+  a, b = (np.asarray(x, np.float64).reshape(flat_shape(f, k)) for x, k in ((a, "a"), (b, "b")))
+  return (np.swapaxes(a, -1, -2), np.swapaxes(b, -1, -2)) if f.layout == "flax" else (a, b)
+
+
+def _from_paper_2d(f, A, B):
+  if f.layout == "flax":
+    A, B = np.swapaxes(A, -1, -2), np.swapaxes(B, -1, -2)
+  return A.reshape(stored_shape(f, "a")), B.reshape(stored_shape(f, "b"))
+
+
+def test_multi_axis_readings():
+  for layout, a, b, (batch, n_in, out, r) in MULTI_AXIS:
+    (f,) = lpj.find_pairs(_one_pair(layout, a, b), _SPEC[layout])
+    assert (f.batch_shape, f.in_shape, f.out_shape, f.r) == (batch, n_in, out, r), (a, b)
+    assert (f.n, f.m) == (math.prod(n_in), math.prod(out))
+    assert f.weight_shape == batch + (n_in + out if layout == "flax" else out + n_in)
+    assert (stored_shape(f, "a"), stored_shape(f, "b")) == (a, b)
+    assert lpj.pairs.readings(a, b, layout).keys() == {len(batch)}
+
+
+@pytest.mark.parametrize(
+  "layout, a, b",
+  [("flax", (3, 16, 3), (3, 3, 24)), ("paper", (3, 3, 16), (3, 24, 3))],
+)
+def test_ambiguous_batch_axes_raise_and_batch_axes_decides(layout, a, b):
+  """L = r = 3: one batch axis (in (16,), out (24,)) or none (in (3, 16), out
+  (3, 24)) both fit the shapes; the error names both readings."""
+  na, nb = _NAMES[layout]
+  with pytest.raises(
+    ValueError,
+    match=rf"A=l/{na} \({a[0]}, {a[1]}, {a[2]}\), B=l/{nb} \({b[0]}, {b[1]}, {b[2]}\).*ambiguous.*"
+    r"batch_axes=0: batch \(\), in \(3, 16\), out \(3, 24\), r 3; "
+    r"batch_axes=1: batch \(3,\), in \(16,\), out \(24,\), r 3\. .*batch_axes=k",
+  ):
+    lpj.find_pairs(_one_pair(layout, a, b), _SPEC[layout])
+  params = _one_pair(layout, a, b)
+  with pytest.raises(ValueError, match="ambiguous"):  # the transformations raise the same
+    lpj.lorapro(pairs=_SPEC[layout]).update(params, (), params)
+  for k, want in ((1, ((3,), (16,), (24,))), (0, ((), (3, 16), (3, 24)))):
+    (f,) = lpj.find_pairs(params, _SPEC[layout]._replace(batch_axes=k))
+    assert (f.batch_shape, f.in_shape, f.out_shape) == want
+  # Per pair: a callable of the parent path, or LoRAPair's field.
+  tree = {"stack": params["l"], "single": _one_pair(layout, a[1:], b[1:])["l"]}
+  spec = _SPEC[layout]._replace(batch_axes=lambda path: 1 if path == ("stack",) else None)
+  got = {f.path: f.batch_shape for f in lpj.find_pairs(tree, spec)}
+  assert got == {("single",): (), ("stack",): (3,)}
+  pair = lpj.LoRAPair(("stack", na), ("stack", nb), layout, batch_axes=1)
+  (f,) = lpj.find_pairs(tree, lambda p: [pair])
+  assert f.batch_shape == (3,)
+
+
+def test_bad_batch_axes_raise():
+  cases = [
+    ((5, 16, 3), (3, 4, 8), 1, r"\(5, 16, 3\).*leading \(batch\) axes differ with batch_axes=1"),
+    ((2, 16, 3), (2, 3, 4, 8), 2, r"batch_axes=2 leaves no in- or out-feature axis"),
+    ((3, 16, 3), (3, 4, 24), 1, r"ranks differ \(3 vs 4\) with batch_axes=1"),
+    ((16, 3), (3, 8), -1, r"batch_axes must be a non-negative int or None, got -1"),
+    ((16, 3), (3, 8), True, r"non-negative int or None, got True"),
+  ]
+  for a, b, k, match in cases:
+    with pytest.raises(ValueError, match=match):
+      lpj.find_pairs(_one_pair("flax", a, b), lpj.FLAX_NNX._replace(batch_axes=k))
+  # Shapes that fit no number of batch axes name the rank and the candidates.
+  with pytest.raises(
+    ValueError, match=r"rank is 3 \(A's last axis\), but for k = 0…1 .* is \(2, 4\)"
+  ):
+    lpj.find_pairs(_one_pair("flax", (2, 16, 3), (2, 4, 8)))
+
+
+def test_multi_axis_efficient_matches_reference(x64, rng):
+  """Every MULTI_AXIS pair in one tree, adjusted as the 2-D pair of each slice."""
+  params, grads = {}, {}
+  for i, (layout, a, b, _) in enumerate(MULTI_AXIS):
+    params[f"p{i}"] = dict(zip(_NAMES[layout], (rng.standard_normal(a), rng.standard_normal(b))))
+    grads[f"p{i}"] = dict(zip(_NAMES[layout], (rng.standard_normal(a), rng.standard_normal(b))))
+  specs = (lpj.FLAX_NNX, lpj.PEFT)
+  tx = lpj.lorapro(1.5, damping=TINY_DAMPING, pairs=specs)
+  u, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+  found = lpj.find_pairs(params, specs)
+  assert len(found) == len(MULTI_AXIS)
+  for f in found:
+    (key,) = f.path
+    A, B = _to_paper_2d(f, *params[key].values())
+    gA, gB = _to_paper_2d(f, *grads[key].values())
+    want = [ref.lorapro_gradients(gA[i], gB[i], A[i], B[i], 1.5) for i in range(A.shape[0])]
+    wa, wb = _from_paper_2d(f, *(np.stack(w) for w in zip(*want)))
+    _close(u[key][_NAMES[f.layout][0]], wa)
+    _close(u[key][_NAMES[f.layout][1]], wb)
+
+
+@pytest.mark.parametrize("layout, a, b", [MULTI_AXIS[0][:3], MULTI_AXIS[6][:3]])
+def test_multi_axis_full_mode_matches_algorithm_3(x64, layout, a, b):
+  """Full mode with weight decay on a multi-axis pair (one with batch axes):
+  Algorithm 3 on every 2-D slice; the moments are laid out like the kernel."""
+  s, lr, lam, steps = 2.0, 1e-2, 0.1, 3
+  rng = np.random.default_rng(3)
+  (f,) = lpj.find_pairs(_one_pair(layout, a, b), _SPEC[layout])
+  A0, B0 = _to_paper_2d(f, rng.standard_normal(a), rng.standard_normal(b))
+  N = A0.shape[0]
+  gs = rng.standard_normal((steps, N, f.m, f.n))
+  want = [
+    ref.algorithm3(
+      A0[i], B0[i], lambda t, A, B, i=i: gs[t - 1, i], [lr] * steps, s, weight_decay=lam
+    )
+    for i in range(N)
+  ]
+  tx = lpj.lorapro_adamw(
+    lr, scale=s, mode="full", weight_decay=lam, damping=TINY_DAMPING, pairs=_SPEC[layout]
+  )
+  na, nb = _NAMES[layout]
+  params = {"l": dict(zip((na, nb), map(jnp.asarray, _from_paper_2d(f, A0, B0))))}
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  mu = state[0].pair_moments["l"].mu
+  assert mu.shape == f.weight_shape and mu.dtype == jnp.float64
+  for t in range(steps):
+    A, B = _to_paper_2d(f, params["l"][na], params["l"][nb])
+    lora = [ref.lora_gradients(gs[t, i], A[i], B[i], s) for i in range(N)]
+    gA, gB = _from_paper_2d(f, *(np.stack(x) for x in zip(*lora)))
+    grads = {"l": {na: jnp.asarray(gA), nb: jnp.asarray(gB)}}
+    if t == 0:  # the diagnostic: s·B·g^A + s·g^B·A = s²·(B Bᵀ g + g Aᵀ A), laid out like W
+      (eq,) = lpj.equivalent_gradients(params, grads, s, pairs=_SPEC[layout]).values()
+      assert eq.shape == f.weight_shape
+      w = np.stack([ref.equivalent_gradient(*lora[i], A[i], B[i], s) for i in range(N)])
+      w = np.swapaxes(w, -1, -2) if layout == "flax" else w
+      _close(eq, w.reshape(f.weight_shape), rtol=1e-12)
+    updates, state = update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  assert state[0].pair_moments["l"].mu.shape == f.weight_shape
+  got = _to_paper_2d(f, params["l"][na], params["l"][nb])
+  for i in range(N):
+    _close(got[0][i], want[i][-1][0])
+    _close(got[1][i], want[i][-1][1])
