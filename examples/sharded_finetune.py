@@ -42,6 +42,12 @@ single-process run can do). Log from ``jax.process_index() == 0``, and save
 checkpoints with Orbax (``--checkpoint-dir``), which writes each process's
 shards; use a directory every host can reach. Nothing else changes: the
 optimizer's collectives are emitted by the partitioner.
+
+``tests/test_multiprocess.py`` runs this on one machine: two processes with 4
+CPU devices each (on the CPU, set
+``jax.config.update("jax_cpu_collectives_implementation", "gloo")`` before
+``jax.distributed.initialize``) train every mode on one 8-device FSDP mesh,
+save and restore an Orbax checkpoint from both, and match one 8-device process.
 """
 
 from __future__ import annotations
