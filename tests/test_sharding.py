@@ -190,7 +190,7 @@ def test_factored_mode_state_is_laid_out_like_the_factors(report, layout):
   """Factored mode: first-moment factors and previous factors like A and B,
   the m-vector like B's out axes, the n-vector like A's in axes, at eager
   init, jitted init (`state_shardings`) and after the steps."""
-  shapes, cases = report
+  _, cases = report
   case = cases[layout, "factored", "float32"]
   params = {k: v for k, v in case["param_specs"].items() if k != "head"}
   for stage in ("moments_eager_init", "moments_jit_init", "moments_after_steps"):
