@@ -43,19 +43,33 @@ def _import_model():
   return (MiniLMConfig, MiniLMEncoder), None
 
 
-def run(*, rank=8, batch=16, seq=32, smoke=False, target_s=2.0, rounds=3) -> dict:
-  """One interleaved measurement of every optimizer's train step (see the module doc)."""
+def run(*, rank=8, batch=16, seq=32, smoke=False, target_s=2.0, rounds=3, repeats=1) -> dict:
+  """Interleaved measurements of every optimizer's train step (see the module doc).
+
+  ``rows`` is the first of ``repeats`` independent measurements (each its own interleaved
+  rounds, after one compilation); with ``repeats > 1``, ``repeats`` holds every
+  measurement's rows and ``spread`` each variant's ratios to adamw across them.
+  """
   mod, why = _import_model()
   if mod is None:
     return {"skipped": why}
-  return _run(mod, rank=rank, batch=batch, seq=seq, smoke=smoke, target_s=target_s, rounds=rounds)
+  return _run(
+    mod,
+    rank=rank,
+    batch=batch,
+    seq=seq,
+    smoke=smoke,
+    target_s=target_s,
+    rounds=rounds,
+    repeats=repeats,
+  )
 
 
-def spread(results: list[dict]) -> dict:
-  """Per variant, its ratio to adamw in each of several independent `run`s, and the range."""
+def spread(measurements: list[list[dict]]) -> dict:
+  """Per variant, its ratio to adamw in each of several measurements (lists of rows)."""
   out = {}
-  for res in results:
-    for r in res.get("rows", []):
+  for rows in measurements:
+    for r in rows:
       out.setdefault(r["variant"], []).append(r["ratio_vs_adamw"])
   return {
     v: {"ratios": xs, "min": min(xs), "max": max(xs), "range": max(xs) - min(xs)}
@@ -63,7 +77,7 @@ def spread(results: list[dict]) -> dict:
   }
 
 
-def _run(mod, *, rank, batch, seq, smoke, target_s, rounds):
+def _run(mod, *, rank, batch, seq, smoke, target_s, rounds, repeats):
   from flax import nnx
 
   MiniLMConfig, MiniLMEncoder = mod
@@ -126,19 +140,25 @@ def _run(mod, *, rank, batch, seq, smoke, target_s, rounds):
       "full-ft-adamw", full_step, [carry, lora, rest, ids, mask], state_index=0
     ).compile()
   )
-  res = timing.measure(runners, rounds=rounds, target_s=target_s, max_reps=20)
-  floor_ms = res["adamw"]["median_ms"]
-  rows = []
-  for r in runners:
-    rows.append(
-      {
-        "variant": r.name,
-        **res[r.name],
-        "compile_s": r.compile_s,
-        "ratio_vs_adamw": res[r.name]["median_ms"] / floor_ms,
-        **timing.memory_stats(r.compiled),
-      }
+  measurements = []
+  for _ in range(max(repeats, 1)):
+    for r in runners:
+      r.times = []
+    res = timing.measure(runners, rounds=rounds, target_s=target_s, max_reps=20)
+    floor_ms = res["adamw"]["median_ms"]
+    measurements.append(
+      [
+        {
+          "variant": r.name,
+          **res[r.name],
+          "compile_s": r.compile_s,
+          "ratio_vs_adamw": res[r.name]["median_ms"] / floor_ms,
+          **timing.memory_stats(r.compiled),
+        }
+        for r in runners
+      ]
     )
+  rows = measurements[0]
   n_lora = sum(jnp.size(x) for x in jax.tree.leaves(lora))
   n_base = sum(jnp.size(x) for x in jax.tree.leaves(base))
   for rn, row in zip(runners, rows):  # one more step each: the loss must be finite
@@ -146,12 +166,16 @@ def _run(mod, *, rank, batch, seq, smoke, target_s, rounds):
     row["loss_after"] = float(loss)
     if not np.isfinite(row["loss_after"]):
       raise FloatingPointError(f"e2e: {rn.name} gave a non-finite loss {row['loss_after']}")
-  return {
+  out = {
     "config": f"MiniLM-L{cfg.num_layers} h{cfg.hidden_size} r{rank} batch 2x{batch}x{seq}",
     "lora_params": int(n_lora),
     "base_params": int(n_base),
     "rows": rows,
   }
+  if len(measurements) > 1:
+    out["repeats"] = measurements
+    out["spread"] = spread(measurements)
+  return out
 
 
 def main(argv=None):
@@ -160,42 +184,48 @@ def main(argv=None):
   ap.add_argument("--rounds", type=int, default=10)
   ap.add_argument("--target-s", type=float, default=2.0)
   ap.add_argument("--rank", type=int, default=8)
-  ap.add_argument("--batch", type=int, default=16)
-  ap.add_argument("--seq", type=int, default=32)
+  ap.add_argument("--batch", type=int, default=None, help="default 16 (--smoke: 4)")
+  ap.add_argument("--seq", type=int, default=None, help="default 32 (--smoke: 8)")
   ap.add_argument("--smoke", action="store_true", help="a tiny model (seconds)")
   ap.add_argument("--out", default=None, help="write the results as JSON here")
   args = ap.parse_args(argv)
-  results = []
-  for k in range(args.repeats):
-    res = run(
-      rank=args.rank,
-      batch=args.batch,
-      seq=args.seq,
-      smoke=args.smoke,
-      target_s=args.target_s,
-      rounds=args.rounds,
-    )
-    if "skipped" in res:
-      print(f"skipped: {res['skipped']}")
-      return res
-    results.append(res)
-    print(f"run {k + 1}/{args.repeats}: {res['config']}")
-    for r in res["rows"]:
-      print(f"  {r['variant']:26s} {r['median_ms']:9.2f} ms  x{r['ratio_vs_adamw']:.3f} adamw")
-  sp = spread(results)
-  print("ratio to adamw over the runs (min-max, range):")
-  for v, x in sp.items():
-    print(f"  {v:26s} {x['min']:.3f}-{x['max']:.3f}  range {x['range']:.3f}")
+  res = run(
+    rank=args.rank,
+    batch=args.batch or (4 if args.smoke else 16),
+    seq=args.seq or (8 if args.smoke else 32),
+    smoke=args.smoke,
+    target_s=args.target_s,
+    rounds=args.rounds,
+    repeats=args.repeats,
+  )
+  if "skipped" in res:
+    print(f"skipped: {res['skipped']}")
+    return res
+  lines = [f"{timing.device_info()['label']}; jax {jax.__version__}", res["config"]]
+  for k, rows in enumerate(res.get("repeats") or [res["rows"]]):
+    lines.append(f"measurement {k + 1}:")
+    for r in rows:
+      lines.append(
+        f"  {r['variant']:26s} {r['median_ms']:9.2f} ms  x{r['ratio_vs_adamw']:.3f} adamw"
+      )
+  if res.get("spread"):
+    lines.append("ratio to adamw over the measurements (min-max, range):")
+    for v, x in res["spread"].items():
+      lines.append(f"  {v:26s} {x['min']:.3f}-{x['max']:.3f}  range {x['range']:.3f}")
+  print("\n".join(lines))
   out = {
     "device": timing.device_info(),
     "provenance": timing.provenance(),
     "settings": vars(args),
-    "runs": results,
-    "spread": sp,
+    "e2e": res,
   }
   if args.out:
     with open(args.out, "w") as f:
       json.dump(out, f, indent=1, default=str)
+    with open(
+      args.out[: -len(".json")] + ".txt" if args.out.endswith(".json") else args.out + ".txt", "w"
+    ) as f:
+      f.write("\n".join(lines) + "\n")
   return out
 
 
