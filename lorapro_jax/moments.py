@@ -173,24 +173,27 @@ def _sum(xs):
   return sum(xs[1:], xs[0])
 
 
+def _stacked(layout: lo.Layout, L: LowRank) -> tuple[Array, Array]:
+  """U = [u_1, u_2, …] (m×kr) and V = [v_1; v_2; …] (kr×n), in the layout."""
+  flax = layout == "flax"
+  return jnp.concatenate(L.u, axis=1 if flax else 2), jnp.concatenate(L.v, axis=2 if flax else 1)
+
+
 def row_sq(layout: lo.Layout, L: LowRank) -> Array:
-  """Σ_j L_ij² (N, m): diag(L·Lᵀ) = Σ_k rowdot(u_k, Σ_l u_l·(v_l·v_kᵀ))."""
-  return _sum(
-    lo.out_dot(
-      layout, u_k, _sum(lo.right(layout, u_l, lo.gram_A(layout, v_l, v_k)) for u_l, v_l in zip(*L))
-    )
-    for u_k, v_k in zip(*L)
-  )
+  """Σ_j L_ij² (N, m) for L = U·V: diag(U·(V·Vᵀ)·Uᵀ) = rowsum(U ∘ (U·(V·Vᵀ)))."""
+  U, V = _stacked(layout, L)
+  K = lo.gram_A(layout, V, V)
+  # A dot, not `layout.right`'s unrolled multiply-adds: K is 2r wide.
+  UK = jnp.einsum("kab,kam->kbm" if layout == "flax" else "kab,kma->kmb", K, U)
+  return lo.out_dot(layout, U, UK)
 
 
 def col_sq(layout: lo.Layout, L: LowRank) -> Array:
-  """Σ_i L_ij² (N, n): diag(Lᵀ·L) = Σ_k coldot(v_k, Σ_l (u_kᵀ·u_l)·v_l)."""
-  return _sum(
-    lo.in_dot(
-      layout, v_k, _sum(lo.left(layout, lo.gram_B(layout, u_k, u_l), v_l) for u_l, v_l in zip(*L))
-    )
-    for u_k, v_k in zip(*L)
-  )
+  """Σ_i L_ij² (N, n) for L = U·V: diag(Vᵀ·(Uᵀ·U)·V) = colsum(V ∘ ((Uᵀ·U)·V))."""
+  U, V = _stacked(layout, L)
+  K = lo.gram_B(layout, U, U)
+  KV = jnp.einsum("kab,knb->kna" if layout == "flax" else "kab,kbn->kan", K, V)
+  return lo.in_dot(layout, V, KV)
 
 
 def lora_gradients(layout: lo.Layout, L: LowRank, A: Array, B: Array) -> tuple[Array, Array]:
