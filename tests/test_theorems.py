@@ -7,6 +7,8 @@ degenerate and extreme factors.
 
 from __future__ import annotations
 
+import contextlib
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -96,6 +98,40 @@ def test_theorem_2_1_perturbations_increase_distance(x64, layout, x_choice):
     ref.equivalent_gradient(oA + X @ A, oB - B @ X, A, B, s),
     ref.equivalent_gradient(oA, oB, A, B, s),
   )
+
+
+# ----------------------------------------------------------------- damping
+
+
+# Compiled in both layouts on shapes the tests above compile anyway; op by op
+# (jax.disable_jit) in the flax layout; r > min(m, n), where both Gram matrices are
+# singular and only the damping makes the inverses exist, compiled in the flax layout.
+_DAMPING_CASES = [
+  (shape, layout, compiled)
+  for shape in SHAPES[:2]
+  for layout, compiled in (("flax", True), ("paper", True), ("flax", False))
+] + [((4, 3, 5, 1.5), "flax", True)]
+
+
+@pytest.mark.parametrize("x_choice", X_CHOICES)
+@pytest.mark.parametrize("shape,layout,compiled", _DAMPING_CASES)
+def test_damping_is_relative_to_the_mean_eigenvalue(x64, x_choice, shape, layout, compiled):
+  """With a large δ = 0.1 the damped Gram matrices G + δ·(tr G / r)·I (both of them, in
+  the inverses and in Eq. 15) are what the output depends on: the reference builds them
+  explicitly (`reference.damped_lorapro_gradients`). Damping by δ·tr G, or only one of the
+  two Gram matrices, changes the result by far more than the tolerance."""
+  m, n, r, s = shape
+  delta = 0.1
+  A, B, _g, gA, gB = _problem(5 * m + n, m, n, r, s)
+  with contextlib.nullcontext() if compiled else jax.disable_jit():
+    oA, oB = run_lorapro(A, B, gA, gB, s, layout, damping=delta, x_choice=x_choice)
+  rA, rB = ref.damped_lorapro_gradients(gA, gB, A, B, s, x_choice, delta)
+  _close(oA, rA, rtol=1e-10)
+  _close(oB, rB, rtol=1e-10)
+  # δ·tr G (the damping of δ·r relative to the mean) is far outside the tolerance.
+  wA, wB = ref.damped_lorapro_gradients(gA, gB, A, B, s, x_choice, delta * r)
+  size = max(1.0, np.max(np.abs(rA)), np.max(np.abs(rB)))
+  assert max(np.max(np.abs(oA - wA)), np.max(np.abs(oB - wB))) > 1e-4 * size
 
 
 # ----------------------------------------------------------------- Theorem 2.2
