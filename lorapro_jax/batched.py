@@ -20,10 +20,13 @@ finite results. It is taken, through `jax.lax.cond`, for all pairs of the
 rank whenever the raw path cannot be trusted: a Gram trace below
 ``r·tiny/eps`` (B = 0 at LoRA's initialisation, or entries whose squares
 underflow) or above ``eps/tiny`` (whose inverse may underflow; Inf when the
-squares overflow), or a bound on the output products above a quarter of the
+squares overflow), a bound on the output products above a quarter of the
 dtype's range (overflow, a non-finite coefficient, or a NaN or Inf input,
-which the normalised path propagates per slice). The bound needs the largest
-gradient entry: one reduction over each gradient.
+which the normalised path propagates per slice), or a nonzero intermediate
+r×r product whose operands' sizes multiply to less than ``r·tiny/eps`` (it
+would be subnormal, which XLA on CPU flushes to zero: e.g. a large B with
+tiny gradients). The bounds need the largest gradient entry: one reduction
+over each gradient.
 
 Everything is traced into the jitted update: no Python loop at run time and
 no host synchronisation.
@@ -128,7 +131,9 @@ def _coefficients(prods: _Products, s, x_choice, damping, ratio) -> eq.Coefficie
   return _vmap_coefficients(prods.C_A, prods.C_B, eig_A, eig_B, s, x_choice, ratio)
 
 
-def _raw_trusted(prods: _Products, coef: eq.Coefficients, gamma_A, gamma_B, r, dtype) -> Array:
+def _raw_trusted(
+  prods: _Products, coef: eq.Coefficients, gamma_A, gamma_B, s, x_choice, r, dtype
+) -> Array:
   """Whether the raw path's products are finite and accurate in ``dtype``."""
   info = jnp.finfo(dtype)
   # Below tiny/eps a Gram matrix may have lost its small entries to underflow,
@@ -138,12 +143,32 @@ def _raw_trusted(prods: _Products, coef: eq.Coefficients, gamma_A, gamma_B, r, d
   tr_A, tr_B = (jnp.trace(G, axis1=-2, axis2=-1) for G in (prods.G_A, prods.G_B))
   # A bound on every partial sum of the output products (|A|max <= ‖A‖_F):
   # below it no product overflows, so none can give Inf - Inf = NaN.
+  m1, m3 = _amax(coef.M1), _amax(coef.M3)
   bound = r * jnp.maximum(
-    _amax(coef.M1) * gamma_A + _amax(coef.Z) * jnp.sqrt(tr_A),
-    _amax(coef.M3) * gamma_B + _amax(coef.P + coef.Z) * jnp.sqrt(tr_B),
+    m1 * gamma_A + _amax(coef.Z) * jnp.sqrt(tr_A),
+    m3 * gamma_B + _amax(coef.P + coef.Z) * jnp.sqrt(tr_B),
   )
   in_range = lambda tr: jnp.all((tr >= floor) & (tr <= ceiling))
-  return in_range(tr_A) & in_range(tr_B) & jnp.all(bound <= info.max / 4)  # False for NaN
+  ok = in_range(tr_A) & in_range(tr_B) & jnp.all(bound <= info.max / 4)  # False for NaN
+  # From below: the natural scale of every intermediate product (the product of
+  # its operands' sizes: max|.| of an r×r matrix or a gradient, ‖.‖_F of a factor)
+  # is at least r·tiny/eps, or exactly 0 (a zero gradient). Below it the product
+  # may be subnormal, which XLA on CPU flushes to zero: with a large B and tiny
+  # gradients (BᵀB)⁻¹/s²·Bᵀg_lora^B did, P became 0 and g^B lost its projection
+  # term. Summed as log2 sizes, so that no estimate under- or overflows itself;
+  # (N,)-sized work. The symmetric X is -P/2; the zero X has no products.
+  log_s2 = 2 * jnp.log2(s)
+  C_B = jnp.log2(gamma_B) + jnp.log2(tr_B) / 2  # Bᵀ·g_lora^B
+  M1_C_B = jnp.log2(m1) + C_B
+  scales = [C_B, M1_C_B, M1_C_B + jnp.log2(m3) + log_s2]  # ... ·(AAᵀ)⁻¹ = P
+  if x_choice == "sylvester":  # -M1·(g_lora^A·Aᵀ), then divided by λ_i + μ_j
+    C_A = jnp.log2(gamma_A) + jnp.log2(tr_A) / 2
+    M1_C_A = jnp.log2(m1) + C_A
+    scales += [C_A, M1_C_A, M1_C_A - jnp.log2(tr_A + tr_B)]
+  log_floor = jnp.log2(jnp.asarray(floor, dtype))
+  for x in scales:
+    ok &= jnp.all((x == -jnp.inf) | (x >= log_floor))  # False for NaN
+  return ok
 
 
 def _raw_outputs(ps: Sequence[LeafPair], coef: eq.Coefficients) -> list[tuple[Array, Array]]:
@@ -231,7 +256,7 @@ def _adjust_bucket(ps: Sequence[LeafPair], x_choice, damping, record) -> list:
   coef = _coefficients(prods, s, x_choice, damping, jnp.ones_like(s))
   gamma_A = _cat([_amax(p.g_A) for p in ps])
   gamma_B = _cat([_amax(p.g_B) for p in ps])
-  ok = _raw_trusted(prods, coef, gamma_A, gamma_B, ps[0].rank, prods.G_A.dtype)
+  ok = _raw_trusted(prods, coef, gamma_A, gamma_B, s, x_choice, ps[0].rank, prods.G_A.dtype)
   if record:
     jax.debug.callback(_log_path, ok)
   return jax.lax.cond(

@@ -166,3 +166,43 @@ def test_one_bucket_per_rank_and_dtype(compiled_paths):
     pairs.append(batched.LeafPair(a[None], b[None], ga[None], gb[None], jnp.ones(1), "flax"))
   jax.jit(lambda ps: batched.adjust(ps, "sylvester", DAMPING))(pairs)
   assert sorted(compiled_paths) == [False, True]
+
+
+# Found by a fuzz campaign (issue 13, item 8): rank 1, A ~ 0.1, B ~ 1e5, gradients ~ 1e-30.
+# On the raw path M1·C_B = (BᵀB)⁻¹/s² · Bᵀg_lora^B ≈ 6e-13 · 1e-27 is below float32's
+# smallest normal number and XLA flushes it to zero, so P = 0 and g^B lost its projection
+# term B·P (2.7% of g^B). The raw path's trust test bounds the intermediate products from
+# below as well; the same pair with gradients 1e20 times larger stays on the raw path.
+@pytest.mark.parametrize("paths", ["compiled_paths", "eager_paths"])
+@pytest.mark.parametrize("x_choice", X_CHOICES)
+@pytest.mark.parametrize("g_scale, raw", [(1e-30, False), (1e-10, True)])
+def test_underflowing_intermediate_products_take_the_normalised_path(
+  request, paths, x_choice, g_scale, raw
+):
+  log = request.getfixturevalue(paths)
+  rng = np.random.default_rng(0)
+  A, B = 0.1 * rng.standard_normal((1, 2)), 1e5 * rng.standard_normal((5, 1))
+  g = g_scale * rng.standard_normal((5, 2))
+  g_A, g_B = ref.lora_gradients(g, A, B, 8.0)
+  A, B, g_A, g_B = (x.astype(np.float32) for x in (A, B, g_A, g_B))
+  got = run_lorapro(A, B, g_A, g_B, 8.0, "flax", damping=DAMPING, x_choice=x_choice)
+  assert log == [raw]
+  assert _rel_err(got, _reference(A, B, g_A, g_B, 8.0, x_choice)) < 1e-4
+
+
+@pytest.mark.xfail(
+  strict=True,
+  reason="known issue: the normalised path divides both gradients by one scale, "
+  "max(max|g_lora^A|, max|g_lora^B|), and the smaller one underflows when their ratio "
+  "is below tiny/eps (1e-31 in float32), e.g. consistent gradients with max|A|/max|B| > 1e31",
+)
+def test_normalised_path_with_gradient_scales_far_apart(compiled_paths):
+  """A ~ 1e25, B ~ 1e-20 (BᵀB underflows: normalised path), consistent gradients:
+  max|g_lora^A| ~ 1e-19, max|g_lora^B| ~ 1e26. g^A = (BᵀB)⁻¹g_lora^A/s² ~ 1e19 is
+  representable, but g_lora^A/1e26 is below float32's range."""
+  rng = np.random.default_rng(5)
+  A, B, g = random_pair(rng, 7, 5, 2)
+  A, B = 1e25 * A, 1e-20 * B
+  got, want = _run_float32(A, B, *ref.lora_gradients(g, A, B, 1.5), "sylvester")
+  assert compiled_paths == [False]
+  assert _rel_err(got, want) < 1e-3
