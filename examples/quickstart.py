@@ -2,8 +2,8 @@
 
 A frozen random MLP is adapted by rank-4 LoRA to match a teacher whose weights
 differ from it by a full-rank perturbation, so full fine-tuning could fit it
-exactly. Plain LoRA and LoRA-Pro (efficient and full mode) train for the same
-number of steps with the same learning rate.
+exactly. Plain LoRA and LoRA-Pro (efficient, full and factored mode) train for
+the same number of steps with the same learning rate.
 
   python examples/quickstart.py [--steps 300] [--lr 3e-3]
 """
@@ -69,6 +69,7 @@ def main():
       lpj.lorapro(scale=1.0), optax.adamw(args.lr, weight_decay=0.0)
     ),
     "LoRA-Pro full": lpj.lorapro_adamw(args.lr, scale=1.0, mode="full", weight_decay=0.0),
+    "LoRA-Pro factored": lpj.lorapro_adamw(args.lr, scale=1.0, mode="factored", weight_decay=0.0),
   }
   print(f"{'method':<22}{'loss@0':>10}{'loss@end':>12}")
   for name, tx in txs.items():
