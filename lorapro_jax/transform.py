@@ -93,6 +93,12 @@ def lorapro(
     again by Theorem 2.1. Other leaves get ``optax.scale_by_adam``, so
     ``chain(lorapro(mode="full"), optax.scale_by_learning_rate(lr))`` is a
     complete optimizer (see `lorapro_adamw` for weight decay).
+  * ``mode="factored"``: Algorithm 3 at LoRA's memory. The first moment of
+    each pair's equivalent gradient is kept in low rank and re-projected onto
+    the current factors' span every step (Theorem 2.1 with X = 0); the second
+    moment is factored as Adafactor's (row and column EMAs of g̃² + ε², formed
+    from the factors). No m×n array is formed. With ``b1=0.0`` (a Python
+    number) only the second moment is kept. See README, "The factored mode".
 
   Leading axes of a pair's leaves are batch axes (stacked or scanned layers,
   experts): each slice is adjusted independently. All pairs are adjusted in one
@@ -103,7 +109,7 @@ def lorapro(
       which applies none). A number, an array broadcastable to a pair's batch
       axes, or a callable ``(path, rank) -> number`` for per-layer values;
       ``path`` is the tuple of keys of the pair's parent.
-    mode: "efficient" or "full".
+    mode: "efficient", "full" or "factored".
     x_choice: "sylvester" (Theorem 2.3, the X that keeps (g^A, g^B) closest to
       the LoRA gradients), "zero" (X = 0) or "symmetric" (the corrected
       Eq. (16), X = -(1/(2s²))(BᵀB)⁻¹Bᵀ g_lora^B (AAᵀ)⁻¹, which balances
@@ -115,11 +121,13 @@ def lorapro(
       g^A = 0, g^B = g_lora^B (AAᵀ)⁻¹ / s²), for rank-deficient factors and for
       r > min(m, n), and changes well-conditioned problems by a relative
       O(δ·condition number). The default suits float32.
-    b1: full mode only: decay of the first moments (default 0.9).
-    b2: full mode only: decay of the second moments (default 0.999).
-    eps: full mode only: added to the root of the second moment (default 1e-8).
-    moment_dtype: full mode only: dtype of the pair moments and of Adam's first
-      moments of other leaves (default float32, or float64 for float64
+    b1: modes with moments: decay of the first moments (default 0.9).
+    b2: modes with moments: decay of the second moments (default 0.999).
+    eps: modes with moments: Adam's ε (default 1e-8); added to the root of
+      the second moment in full mode, its square added inside the factored
+      second moment.
+    moment_dtype: modes with moments: dtype of the pair moments and of Adam's
+      first moments of other leaves (default float32, or float64 for float64
       parameters; bfloat16 halves their memory).
     pairs: which leaves form pairs: a `LoRASpec` (default ``FLAX_NNX``:
       siblings ``lora_a`` (..., in, r) and ``lora_b`` (..., r, out)), a
@@ -129,7 +137,7 @@ def lorapro(
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its ``update`` requires
     ``params`` and raises ``ValueError`` without them. Efficient mode keeps
-    no state; full mode keeps a `ScaleByLoraProState`.
+    no state; the other modes keep a `ScaleByLoraProState`.
 
   Raises:
     ValueError: for an unknown mode or x_choice, a non-positive damping or eps,
@@ -158,7 +166,7 @@ def lorapro(
       raise ValueError(
         f"lorapro(mode='efficient') keeps no moments, so {', '.join(unused)} would be "
         "ignored: set them on the optimizer chained after it (e.g. optax.adamw), or use "
-        "mode='full'."
+        "mode='full' or 'factored'."
       )
     return _efficient(scale, x_choice, damping, pairs)
   b1, b2, eps = (_ADAM_DEFAULTS[k] if given[k] is None else given[k] for k in ("b1", "b2", "eps"))
@@ -358,12 +366,13 @@ def lorapro_adamw(
   pairs: pairs_lib.PairsArg = None,
   mask: Any | Callable[[optax.Params], Any] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""LoRA-Pro with AdamW: Algorithm 2 (efficient) or Algorithm 3 (full).
+  r"""LoRA-Pro with AdamW: Algorithm 2 (efficient), Algorithm 3 (full) or factored.
 
   * efficient: ``chain(lorapro(...), optax.adamw(...))``: Adam moments on A and
     B (in ``moment_dtype``, optax's ``mu_dtype``), and AdamW's decoupled weight
     decay on A and B (and on other leaves).
-  * full: Adam moments on each pair's m×n equivalent gradient, then Eq. (57)-(58)
+  * full, factored: moments of each pair's equivalent gradient (m×n, or
+    factored; see `lorapro`), then Eq. (57)-(58)
     weight decay: A and B are multiplied by √(1 - γλ), so that s·B·A decays by
     (1 - γλ) like a fully fine-tuned weight. The frozen W0 would also decay by
     (1 - γλ) in full fine-tuning; it is not a trainable parameter here, so that
@@ -372,12 +381,12 @@ def lorapro_adamw(
   Args:
     learning_rate: a float or an optax schedule.
     scale: LoRA scaling s, as in `lorapro`.
-    mode: "efficient" or "full".
+    mode: "efficient", "full" or "factored".
     weight_decay: λ, a float or an optax schedule.
     b1, b2, eps: Adam hyperparameters.
     x_choice, damping, pairs: as in `lorapro`.
-    moment_dtype: dtype of the first moments (full mode: and of the pairs'
-      second moments); default float32 (float64 for float64 parameters).
+    moment_dtype: efficient mode: AdamW's ``mu_dtype`` (default: the
+      parameters' dtype); other modes: as in `lorapro`.
     mask: which leaves get weight decay (a tree of booleans or a callable), as
       in ``optax.adamw``. A mask must not split a LoRA pair.
 
