@@ -595,7 +595,7 @@ def test_one_dimensional_leaf_raises():
 
 
 def test_bad_options_raise():
-  with pytest.raises(ValueError, match=r"mode must be one of \('efficient', 'full'\), got 'fast'"):
+  with pytest.raises(ValueError, match=r"mode must be one of \('efficient', 'full', 'factored'\), got 'fast'"):
     lpj.lorapro(mode="fast")
   with pytest.raises(ValueError, match=r"x_choice must be one of .*got 'eig'"):
     lpj.lorapro(x_choice="eig")
