@@ -584,7 +584,7 @@ def parse_args(argv=None):
   ap.add_argument(
     "--max-separate-adapters",
     type=int,
-    default=256,
+    default=32,
     help="largest #adapters timed as separate leaves with the batched engine "
     "(its compile time grows ~linearly with the leaf count); stacked "
     "leaves are timed at every point",
@@ -611,7 +611,7 @@ def parse_args(argv=None):
   ap.add_argument(
     "--e2e-repeats",
     type=int,
-    default=1,
+    default=3,
     help="independent e2e measurements (their ratios' spread is reported)",
   )
   ap.add_argument(
