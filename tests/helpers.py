@@ -76,3 +76,31 @@ def run_lorapro(A, B, gA, gB, s, layout="flax", damping=TINY_DAMPING, **kwargs):
   a_name, b_name = LAYOUTS[layout][0]
   a, b = np.asarray(out["layer"][a_name]), np.asarray(out["layer"][b_name])
   return from_layout(a, b, layout)
+
+
+def quadratic(seed, m, n, s):
+  """Full gradient of L = ½‖W0 + s·B·A - T‖² at (A, B): g = W0 + s·B·A - T (paper layout)."""
+  rng = np.random.default_rng(seed)
+  W0, T = rng.standard_normal((m, n)), rng.standard_normal((m, n))
+  return lambda t, A, B: W0 + s * B @ A - T
+
+
+def train_pair(tx, A0, B0, full_grad, steps, s, layout):
+  """Runs ``tx`` on one pair for ``steps`` steps, its LoRA gradients from
+  ``full_grad(t, A, B)`` (Eq. 5); returns [(A_t, B_t, state_t)] (paper layout)."""
+  import jax.numpy as jnp
+  import optax
+
+  from tests import reference as ref
+
+  params = jax.tree.map(jnp.asarray, pair_tree(A0, B0, layout))
+  state = tx.init(params)
+  out = []
+  for t in range(1, steps + 1):
+    A, B = get_pair(params, layout)
+    gA, gB = ref.lora_gradients(full_grad(t, A, B), A, B, s)
+    grads = jax.tree.map(jnp.asarray, pair_tree(gA, gB, layout))
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    out.append((*get_pair(params, layout), state))
+  return out

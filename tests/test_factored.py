@@ -18,31 +18,17 @@ import pytest
 import lorapro_jax as lpj
 from lorapro_jax import moments as moments_lib
 from tests import reference as ref
-from tests.helpers import LAYOUTS, TINY_DAMPING, get_pair, pair_tree, pairs_arg
+from tests.helpers import (
+  LAYOUTS,
+  TINY_DAMPING,
+  get_pair,
+  pair_tree,
+  pairs_arg,
+  quadratic,
+  train_pair,
+)
 
 M, N, R, S, LR = 7, 5, 2, 2.0, 1e-2
-
-
-def _quadratic(seed, m, n, s):
-  """Full gradient of ½‖W0 + s·B·A - T‖² at (A, B)."""
-  rng = np.random.default_rng(seed)
-  W0, T = rng.standard_normal((m, n)), rng.standard_normal((m, n))
-  return lambda t, A, B: W0 + s * B @ A - T
-
-
-def _train(tx, A0, B0, full_grad, steps, s, layout):
-  """[(A_t, B_t, state_t)] for ``steps`` steps of ``tx`` on one pair (paper layout)."""
-  params = jax.tree.map(jnp.asarray, pair_tree(A0, B0, layout))
-  state = tx.init(params)
-  out = []
-  for t in range(1, steps + 1):
-    A, B = get_pair(params, layout)
-    gA, gB = ref.lora_gradients(full_grad(t, A, B), A, B, s)
-    grads = jax.tree.map(jnp.asarray, pair_tree(gA, gB, layout))
-    updates, state = tx.update(grads, state, params)
-    params = optax.apply_updates(params, updates)
-    out.append((*get_pair(params, layout), state))
-  return out
 
 
 def _tx(layout, x_choice="sylvester", **kw):
@@ -85,9 +71,9 @@ def test_matches_the_dense_reference_and_its_momentum(x64, layout, x_choice):
   all equal the dense reference, which projects M onto the span each step."""
   rng = np.random.default_rng(1)
   A0, B0 = rng.standard_normal((R, N)), np.zeros((M, R))
-  fg = _quadratic(2, M, N, S)
+  fg = quadratic(2, M, N, S)
   want = ref.factored(A0, B0, fg, [LR] * 5, S, x_choice=x_choice)
-  got = _train(_tx(layout, x_choice), A0, B0, fg, 5, S, layout)
+  got = train_pair(_tx(layout, x_choice), A0, B0, fg, 5, S, layout)
   for (gA, gB, state), (wA, wB, wM, wR, wC) in zip(got, want):
     _close(gA, wA)
     _close(gB, wB)
@@ -103,9 +89,9 @@ def test_b1_zero_is_algorithm_3_with_adafactors_second_moment(x64):
   g̃ ⊘ √V̂ with Adafactor's V̂, then Eq. (56) and Theorem 2.1."""
   rng = np.random.default_rng(3)
   A0, B0 = rng.standard_normal((R, N)), 0.3 * rng.standard_normal((M, R))
-  fg = _quadratic(4, M, N, S)
+  fg = quadratic(4, M, N, S)
   want = ref.factored(A0, B0, fg, [LR] * 4, S, b1=0.0)
-  got = _train(_tx("flax", b1=0.0), A0, B0, fg, 4, S, "flax")
+  got = train_pair(_tx("flax", b1=0.0), A0, B0, fg, 4, S, "flax")
   for (gA, gB, state), (wA, wB, _, wR, wC) in zip(got, want):
     _close(gA, wA)
     _close(gB, wB)
@@ -121,9 +107,9 @@ def test_outer_product_second_moment_gives_algorithm_3(x64):
   with its dense Adam moments (ε negligible in both)."""
   rng = np.random.default_rng(5)
   A0, B0 = rng.standard_normal((1, N)), np.zeros((M, 1))
-  fg = _quadratic(6, M, N, S)
+  fg = quadratic(6, M, N, S)
   want = ref.algorithm3(A0, B0, fg, [LR], S, eps=1e-14)
-  [(gA, gB, _)] = _train(_tx("paper", eps=1e-14), A0, B0, fg, 1, S, "paper")
+  [(gA, gB, _)] = train_pair(_tx("paper", eps=1e-14), A0, B0, fg, 1, S, "paper")
   _close(gA, want[0][0], rtol=1e-9)
   _close(gB, want[0][1], rtol=1e-9)
 
@@ -133,7 +119,7 @@ def test_dense_reference_differs_from_algorithm_3_in_general(x64):
   Adam's, and the trajectories differ."""
   rng = np.random.default_rng(1)
   A0, B0 = rng.standard_normal((R, N)), np.zeros((M, R))
-  fg = _quadratic(2, M, N, S)
+  fg = quadratic(2, M, N, S)
   dense = ref.algorithm3(A0, B0, fg, [LR] * 3, S)[-1]
   factored = ref.factored(A0, B0, fg, [LR] * 3, S)[-1]
   assert np.max(np.abs(dense[1] - factored[1])) > 1e-3 * np.max(np.abs(dense[1]))
@@ -220,7 +206,7 @@ def test_bfloat16_params_and_state_follow_the_reference(rng):
   bfloat16 tolerance of the float64 reference run from the same values."""
   A0 = rng.standard_normal((R, N)).astype(jnp.bfloat16).astype(np.float64)
   B0 = np.zeros((M, R))
-  fg = _quadratic(8, M, N, S)
+  fg = quadratic(8, M, N, S)
   want = ref.factored(A0, B0, fg, [LR] * 4, S)
   tx = optax.chain(
     lpj.lorapro(S, mode="factored", moment_dtype=jnp.bfloat16), optax.scale_by_learning_rate(LR)

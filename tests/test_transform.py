@@ -13,7 +13,7 @@ import pytest
 
 import lorapro_jax as lpj
 from tests import reference as ref
-from tests.helpers import TINY_DAMPING, get_pair, pair_tree, pairs_arg
+from tests.helpers import TINY_DAMPING, pairs_arg, quadratic, train_pair
 
 X_CHOICES = ("sylvester", "zero", "symmetric")
 LAYOUTS = ("flax", "paper")
@@ -26,26 +26,10 @@ def _close(got, want, rtol=1e-8):
   assert err <= rtol * max(1.0, np.max(np.abs(want))), f"max error {err:.3e}"
 
 
-def _quadratic(seed, m, n, s):
-  """Full gradient of L = ½‖W0 + s·B·A - T‖² at (A, B): g = W0 + s·B·A - T."""
-  rng = np.random.default_rng(seed)
-  W0, T = rng.standard_normal((m, n)), rng.standard_normal((m, n))
-  return lambda t, A, B: W0 + s * B @ A - T
-
-
 def _train(tx, A0, B0, full_grad, steps, s, layout):
-  """Runs ``tx`` on one pair for ``steps`` steps; returns [(A_t, B_t)] (paper layout)."""
-  params = jax.tree.map(jnp.asarray, pair_tree(A0, B0, layout))
-  state = tx.init(params)
-  out = []
-  for t in range(1, steps + 1):
-    A, B = get_pair(params, layout)
-    gA, gB = ref.lora_gradients(full_grad(t, A, B), A, B, s)
-    grads = jax.tree.map(jnp.asarray, pair_tree(gA, gB, layout))
-    updates, state = tx.update(grads, state, params)
-    params = optax.apply_updates(params, updates)
-    out.append(get_pair(params, layout))
-  return out, state
+  """[(A_t, B_t)] and the final state (paper layout)."""
+  out = train_pair(tx, A0, B0, full_grad, steps, s, layout)
+  return [(A, B) for A, B, _ in out], out[-1][2]
 
 
 # ------------------------------------------------------------ full mode (Alg. 3)
@@ -57,7 +41,7 @@ def test_full_mode_matches_algorithm_3(x64, layout, x_choice):
   m, n, r, s, lr, steps = 7, 5, 2, 2.0, 1e-2, 5
   rng = np.random.default_rng(1)
   A0, B0 = rng.standard_normal((r, n)), np.zeros((m, r))  # LoRA's initialisation
-  fg = _quadratic(2, m, n, s)
+  fg = quadratic(2, m, n, s)
   want = ref.algorithm3(A0, B0, fg, [lr] * steps, s, x_choice=x_choice)
   tx = optax.chain(
     lpj.lorapro(
@@ -119,7 +103,7 @@ def test_full_mode_state_layout_and_dtypes():
 def test_full_mode_bfloat16_moments_train(rng):
   m, n, r, s = 7, 5, 2, 2.0
   A0, B0 = rng.standard_normal((r, n)), np.zeros((m, r))
-  fg = _quadratic(3, m, n, s)
+  fg = quadratic(3, m, n, s)
   res = {}
   for dt in (jnp.float32, jnp.bfloat16):
     tx = optax.chain(
@@ -137,7 +121,7 @@ def test_lorapro_adamw_full_weight_decay_matches_eq_57_58(x64, layout):
   sched = optax.linear_schedule(0.05, 0.01, steps)
   rng = np.random.default_rng(4)
   A0, B0 = rng.standard_normal((r, n)), np.zeros((m, r))
-  fg = _quadratic(5, m, n, s)
+  fg = quadratic(5, m, n, s)
   # optax evaluates the schedule at the int32 count 0, 1, ... (in float32).
   lrs = [float(sched(jnp.asarray(t, jnp.int32))) for t in range(steps)]
   want = ref.algorithm3(A0, B0, fg, lrs, s, weight_decay=lam)
@@ -213,7 +197,7 @@ def test_efficient_mode_with_adamw_matches_algorithm_2(x64, layout, x_choice):
   m, n, r, s, lr, lam, steps = 7, 5, 2, 2.0, 1e-2, 0.1, 4
   rng = np.random.default_rng(8)
   A0, B0 = rng.standard_normal((r, n)), np.zeros((m, r))
-  fg = _quadratic(9, m, n, s)
+  fg = quadratic(9, m, n, s)
   want = ref.algorithm2(A0, B0, fg, [lr] * steps, s, x_choice=x_choice, weight_decay=lam)
   tx = optax.chain(
     lpj.lorapro(s, x_choice=x_choice, damping=TINY_DAMPING, pairs=pairs_arg(layout)),
@@ -279,7 +263,9 @@ def test_stacked_leaves_equal_per_slice(x64, mode, batch):
   ga = rng.standard_normal(batch + (n, r))
   gb = rng.standard_normal(batch + (r, m))
   ga[(0,) * len(batch)] = 0.0  # g_lora^A = s·Bᵀg vanishes with B, as autodiff gives it
-  tx = lpj.lorapro(s, mode=mode, damping=TINY_DAMPING, **_moments64(mode))
+  # (2, 2) stacks of rank 2 also read as 1 or 0 batch axes: say which.
+  spec = lpj.LoRASpec(batch_axes=len(batch))
+  tx = lpj.lorapro(s, mode=mode, damping=TINY_DAMPING, pairs=spec, **_moments64(mode))
   params = {"l": {"lora_a": jnp.asarray(a), "lora_b": jnp.asarray(b)}}
   grads = {"l": {"lora_a": jnp.asarray(ga), "lora_b": jnp.asarray(gb)}}
   st = tx.init(params)
@@ -595,7 +581,9 @@ def test_one_dimensional_leaf_raises():
 
 
 def test_bad_options_raise():
-  with pytest.raises(ValueError, match=r"mode must be one of \('efficient', 'full', 'factored'\), got 'fast'"):
+  with pytest.raises(
+    ValueError, match=r"mode must be one of \('efficient', 'full', 'factored'\), got 'fast'"
+  ):
     lpj.lorapro(mode="fast")
   with pytest.raises(ValueError, match=r"x_choice must be one of .*got 'eig'"):
     lpj.lorapro(x_choice="eig")
