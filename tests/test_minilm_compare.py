@@ -2,9 +2,9 @@
 
 The real checkpoint sliced to its embeddings (frozen, cached) and first layer
 (trained), a few stdlib modules, batch 4 of 16-token texts and 4 steps per
-method on one repeated batch, so every method must lower its loss. Compilation
-dominates the run time (one train step per optimizer, the gradient probe, the
-evaluation), about a minute on two CPU cores.
+method on one repeated batch, so every method must lower its loss (the long LoRA
+run trains twice as many). Compilation dominates the run time (one train step per
+optimizer, the gradient probe, the evaluation), one to two minutes on two CPU cores.
 Skipped when the all-MiniLM-L6-v2 weights package is not installed.
 """
 
@@ -49,7 +49,8 @@ def test_batch_order_whole_epochs_and_seeded():
 def test_parse_args_default_and_sweep():
   cfg, _ = compare.parse_args([])
   assert cfg.seeds == (0,) and not cfg.select_on_validation
-  assert all(len(cfg.lrs[m]) == 1 for m in experiment.METHODS if m != "zero_shot")
+  assert cfg.methods == experiment.DEFAULT_METHODS and "lorapro_fact" in cfg.methods
+  assert all(len(cfg.lrs[m]) == 1 for m in experiment.DEFAULT_METHODS if m != "zero_shot")
   cfg, _ = compare.parse_args(["--full-sweep"])
   assert cfg.seeds == (0, 1, 2) and cfg.select_on_validation
   assert cfg.lrs["lora"] == experiment.SWEEP_LRS["lora"]
@@ -57,6 +58,44 @@ def test_parse_args_default_and_sweep():
   assert cfg.lrs == {"lora": (1e-3,), "full_ft": (1e-5, 1e-4)}
   with pytest.raises(ValueError, match="unknown methods"):
     compare.parse_args(["--methods", "dora"])
+
+
+def test_parse_args_hard_preset():
+  cfg, a = compare.parse_args(["--hard"])
+  assert cfg.methods == experiment.METHODS and cfg.seeds == (0, 1, 2)
+  for name, value in experiment.HARD.items():
+    if name not in ("methods", "seeds"):
+      assert getattr(cfg, name) == value, name
+  assert cfg.lrs["lora_long"] == (experiment.DEFAULT_LRS["lora"],) and a.out == "out/minilm_hard"
+  assert cfg.run_steps("lora_long") == cfg.long_factor * cfg.steps == 4 * cfg.run_steps("lora")
+  cfg, _ = compare.parse_args(["--hard", "--steps", "30", "--seeds", "0"])  # explicit flags win
+  assert cfg.steps == 30 and cfg.seeds == (0,) and cfg.rank == experiment.HARD["rank"]
+
+
+def test_gap_closure_is_paired_by_seed():
+  def run(method, seed, loss, lr=1e-3):
+    return {"method": method, "seed": seed, "lr": lr, "fixed_eval": {"train_loss": [9.0, loss]}}
+
+  runs = [run("lora", s, 1.0 + 0.1 * s) for s in (0, 1, 2)]
+  runs += [run("full_ft", s, 0.5 + 0.1 * s) for s in (0, 1, 2)]  # gap 0.5 in every seed
+  runs += [run("lora_long", s, 0.8 + 0.1 * s) for s in (0, 1, 2)]  # gap 0.2
+  runs += [run("lorapro_full", s, 0.9 + 0.1 * s) for s in (0, 1, 2)]  # 0.1 below LoRA
+  runs += [run("lorapro_eff", s, 1.1 + 0.1 * s) for s in (0, 1)]  # only seeds 0, 1
+  runs += [run("lorapro_eff", 2, 0.0, lr=1e-2)]  # another lr: not the chosen one
+  rows = [{"method": m, "lr": 1e-3} for m in ("lora", "full_ft", "lora_long")]
+  rows += [{"method": "lorapro_full", "lr": 1e-3}, {"method": "lorapro_eff", "lr": 1e-3}]
+  c = report.gap_closure(runs, rows)
+  assert c["targets"]["full_ft"]["gap"] == pytest.approx((0.5, 0.0))
+  full = c["methods"]["lorapro_full"]
+  assert full["diff"] == pytest.approx((-0.1, 0.0))
+  assert full["closure_full_ft"] == pytest.approx((0.2, 0.0))
+  assert full["closure_lora_long"] == pytest.approx((0.5, 0.0))
+  eff = c["methods"]["lorapro_eff"]
+  assert eff["seeds"] == [0, 1] and eff["closure_full_ft"] == pytest.approx((-0.2, 0.0))
+  assert c["methods"]["lora_long"]["closure_full_ft"] == pytest.approx((0.4, 0.0))
+  assert "closure_lora_long" not in c["methods"]["lora_long"]
+  assert "LoRA-Pro (full)" in report.format_closure(c)
+  assert report.gap_closure(runs[:3], rows) is None  # no target
 
 
 def test_summarize_picks_lr_on_validation():
@@ -101,6 +140,7 @@ def tiny():
   pytest.importorskip("safetensors")
   pytest.importorskip("tokenizers")
   cfg = experiment.Config(
+    methods=experiment.METHODS,
     lrs={m: (3e-3,) for m in experiment.METHODS if m != "zero_shot"},
     steps=4,
     batch=4,
@@ -111,6 +151,8 @@ def tiny():
     eval_pairs=12,
     train_pairs=4,
     grad_every=2,
+    eval_every=2,
+    long_factor=2,
     modules=MODULES,
     chunk=12,
     progress=False,
@@ -130,7 +172,8 @@ def test_every_method_trains_and_gives_a_row(tiny):
       assert 0.0 <= mean <= 1.0 and std == 0.0
   for run in runs[1:]:
     losses = run["losses"]
-    assert len(losses) == cfg.steps and all(map(math.isfinite, losses)), run["method"]
+    steps = 2 * cfg.steps if run["method"] == "lora_long" else cfg.steps
+    assert len(losses) == steps and all(map(math.isfinite, losses)), run["method"]
     # One repeated batch (train_pairs == batch): the loss must go down.
     assert losses[-1] < losses[0], (run["method"], losses)
     assert run["trainable_params"] == (1_774_464 if run["method"] == "full_ft" else 55_296)
@@ -150,7 +193,7 @@ def test_gradient_probe_lorapro_is_closer_to_full_gradient(tiny):
   for run in runs:
     if run["method"] not in experiment.LORA_METHODS:
       continue
-    assert [p["step"] for p in run["probes"]] == [0, 2]
+    assert [p["step"] for p in run["probes"]] == list(range(0, len(run["losses"]), 2))
     for p in run["probes"]:
       d_raw, d_adj, g = (np.asarray(p[k]) for k in ("d_raw", "d_adj", "g_norm"))
       assert d_raw.shape == d_adj.shape == g.shape == (1, 6)
@@ -184,7 +227,7 @@ def test_step_and_probe_stats_show_the_lorapro_adjustment(tiny):
     # The train step reports update sizes only; gradient statistics come from the probe.
     assert set(st) == {"upd_a", "upd_b"} and len(st["upd_a"]) == len(run["losses"])
     # b = 0 at step 0: g^A = 0, so A does not move on the first step; B does.
-    p0, p2 = run["probes"]
+    p0, p2 = run["probes"][:2]
     assert p0["gA_raw_norm"] == 0.0 and st["upd_a"][0] == 0.0 and st["upd_b"][0] > 0
     assert st["upd_a"][1] > 0
     # Once b != 0, LoRA-Pro's adjustment rescales g^A (by (s² BᵀB)⁻¹).
@@ -216,5 +259,40 @@ def test_table_and_figures(tiny, tmp_path):
   for label in experiment.LABELS.values():
     assert label in text
   paths = figures.make_figures(runs, rows, cfg, tmp_path, report.config_caption(cfg))
-  assert [p.name for p in paths] == ["loss_curves.png", "grad_distance.png", "update_size.png"]
+  names = ["loss_curves.png", "grad_distance.png", "update_size.png", "fixed_eval.png"]
+  assert [p.name for p in paths] == names
   assert all(p.stat().st_size > 1000 for p in paths)
+
+
+@needs_weights
+def test_fixed_evaluation_set(tiny):
+  """Every run is evaluated on the same fixed pairs at steps 0, 2, 4 (and 6, 8 for the long
+  run). With one repeated training batch, which is also the fixed set, the fixed-set loss
+  after k updates is the training loss of step k (InfoNCE does not depend on the order of
+  the pairs in a batch), up to the merged evaluation's rounding."""
+  _, cmp_, runs, rows = tiny
+  start = runs[0]["fixed_eval"]  # zero-shot
+  assert start["step"] == [0] and set(start) == {"step", "train_loss", "val_loss", "val_mrr"}
+  assert sorted(cmp_.fixed_index.tolist()) == [0, 1, 2, 3]
+  for run in runs[1:]:
+    ev = run["fixed_eval"]
+    assert ev["step"] == list(range(0, len(run["losses"]) + 1, 2)), run["method"]
+    assert (
+      ev["train_loss"][0] == start["train_loss"][0] and ev["val_loss"][0] == start["val_loss"][0]
+    )
+    for k, step in enumerate(ev["step"][:-1]):
+      assert ev["train_loss"][k] == pytest.approx(run["losses"][step], abs=2e-5), run["method"]
+    assert ev["train_loss"][-1] < ev["train_loss"][0]
+  row = next(r for r in rows if r["method"] == "lora")
+  assert row["fixed_train_loss"][0] == pytest.approx(
+    next(r for r in runs if r["method"] == "lora")["fixed_eval"]["train_loss"][-1]
+  )
+  assert "fixed-set train loss" in report.format_table(rows)
+  closure = report.gap_closure(runs, rows)
+  assert set(closure["methods"]) == {
+    "rslora",
+    "lorapro_eff",
+    "lorapro_full",
+    "lorapro_fact",
+    "lora_long",
+  }

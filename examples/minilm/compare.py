@@ -4,6 +4,7 @@ The paper's comparison at CPU scale (see README.md and RESULTS.md here)::
 
     python examples/minilm/compare.py               # default: one seed, pre-chosen lrs, ~6-8 min on 2 CPU cores
     python examples/minilm/compare.py --full-sweep  # lr grid on seed 0 (validation MRR), seeds 1,2 at the chosen lr
+    python examples/minilm/compare.py --hard        # 2 layers, r = 2, all methods, long LoRA, 3 seeds
     python examples/minilm/compare.py --methods lora,lorapro_eff --lrs 1e-3,3e-3 --seeds 0,1 --steps 200
     python examples/minilm/compare.py --from-results out/a/results.json out/b/results.json  # merge runs
 
@@ -23,14 +24,24 @@ if __package__ in (None, ""):  # `python examples/minilm/compare.py`
   sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from examples.minilm import report
-from examples.minilm.experiment import DEFAULT_LRS, METHODS, SWEEP_LRS, Config
+from examples.minilm.experiment import (
+  DEFAULT_LRS,
+  DEFAULT_METHODS,
+  HARD,
+  METHODS,
+  SWEEP_LRS,
+  Config,
+)
 from examples.minilm.runner import Comparison
 from examples.minilm.weights import weights_available
 
 _HELP = {
   "full-sweep": "the lr grid SWEEP_LRS on seed 0, lr chosen on validation MRR, "
   "then seeds 1,2 at the chosen lr",
-  "methods": f"comma list from {','.join(METHODS)}",
+  "hard": "the harder configuration (experiment.HARD): "
+  + ", ".join(f"{k.replace('_', '-')} {v if k != 'methods' else 'all'}" for k, v in HARD.items())
+  + "; flags given explicitly override it",
+  "methods": f"comma list from {','.join(METHODS)} (default: all but lora_long)",
   "lrs": "learning rates for every method, or per method (e.g. lora=1e-3,3e-3 full_ft=1e-4)",
   "seeds": "comma list (default 0; --full-sweep: 0,1,2)",
   "select-seeds": "choose each method's lr on these seeds only; the other seeds run the chosen lr "
@@ -41,6 +52,9 @@ _HELP = {
   "eval-pairs": "cap on validation/test pairs",
   "train-pairs": "cap on training pairs",
   "grad-every": "gradient-distance probe period (0: off)",
+  "eval-train-pairs": "training pairs of the fixed evaluation set (0: no fixed evaluation)",
+  "eval-every": "fixed-set evaluation period in steps (0: after training only)",
+  "long-factor": "lora_long trains this many times --steps",
   "eval-validation": "also evaluate on validation with a single lr",
   "from-results": "train nothing: merge the runs of earlier results.json files (e.g. a sweep and "
   "its extension), choose lrs, print the table and redraw the figures into --out",
@@ -48,7 +62,8 @@ _HELP = {
 # Flags that set the Config field of the same name (default: the field's).
 _CONFIG_FLAGS = dict(steps=int, batch=int, max_len=int, query_len=int, train_layers=int, rank=int)
 _CONFIG_FLAGS |= dict(alpha=float, temperature=float, weight_decay=float, eval_pairs=int)
-_CONFIG_FLAGS |= dict(train_pairs=int, grad_every=int)
+_CONFIG_FLAGS |= dict(train_pairs=int, grad_every=int, eval_train_pairs=int, eval_every=int)
+_CONFIG_FLAGS |= dict(long_factor=int)
 
 
 def _parse_lrs(
@@ -70,19 +85,26 @@ def _parse_lrs(
 
 
 def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
+  pre = argparse.ArgumentParser(add_help=False)
+  pre.add_argument("--hard", action="store_true")
+  preset = HARD if pre.parse_known_args(argv)[0].hard else {}
   p = argparse.ArgumentParser(
     description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
   )
   p.add_argument("--full-sweep", action="store_true", help=_HELP["full-sweep"])
-  p.add_argument("--methods", default=",".join(METHODS), help=_HELP["methods"])
+  p.add_argument("--hard", action="store_true", help=_HELP["hard"])
+  methods = preset.get("methods", DEFAULT_METHODS)
+  p.add_argument("--methods", default=",".join(methods), help=_HELP["methods"])
   p.add_argument("--lrs", nargs="+", metavar="[METHOD=]LR[,LR...]", help=_HELP["lrs"])
   p.add_argument("--seeds", default=None, help=_HELP["seeds"])
   p.add_argument("--select-seeds", default=None, help=_HELP["select-seeds"])
   for name, type_ in _CONFIG_FLAGS.items():
     flag = name.replace("_", "-")
-    p.add_argument(f"--{flag}", type=type_, default=getattr(Config, name), help=_HELP.get(flag))
+    default = preset.get(name, getattr(Config, name))
+    p.add_argument(f"--{flag}", type=type_, default=default, help=_HELP.get(flag))
   p.add_argument("--eval-validation", action="store_true", help=_HELP["eval-validation"])
-  p.add_argument("--out", default="out/minilm_compare", help="results directory")
+  out = "out/minilm_hard" if preset else "out/minilm_compare"
+  p.add_argument("--out", default=out, help="results directory")
   p.add_argument("--fig-dir", default=None, help="where to write the PNGs (default: --out)")
   p.add_argument("--fig-prefix", default="", help="PNG file name prefix, e.g. minilm_")
   p.add_argument("--no-figures", action="store_true")
@@ -94,7 +116,8 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
     default_lrs, seeds, select = SWEEP_LRS, a.seeds or "0,1,2", a.select_seeds or "0"
   else:
     default_lrs = {m: (lr,) for m, lr in DEFAULT_LRS.items()}
-    seeds, select = a.seeds or "0", a.select_seeds
+    seeds = a.seeds or ",".join(map(str, preset.get("seeds", (0,))))
+    select = a.select_seeds
   cfg = Config(
     methods=methods,
     lrs=_parse_lrs(a.lrs, methods, default_lrs),
@@ -111,11 +134,19 @@ def main_from_results(a) -> int:
   cfg, results = report.merged_results(a.from_results)
   print(f"merged {len(results['runs'])} runs from {', '.join(a.from_results)}")
   print(report.format_table(results["rows"]))
+  _print_closure(results)
   out = Path(a.out)
   out.mkdir(parents=True, exist_ok=True)
   report.write_table_and_figures(results, cfg, out, _fig_dir(a), a.fig_prefix)
   report.write_json(out, results)
   return 0
+
+
+def _print_closure(results) -> None:
+  for key in ("train_loss", "val_loss"):
+    closure = report.gap_closure(results["runs"], results["rows"], key)
+    if closure is not None:
+      print("\n" + report.format_closure(closure))
 
 
 def _fig_dir(a) -> Path | None:
@@ -154,6 +185,7 @@ def main(argv=None) -> int:
   runs = cmp_.run_all(on_run=save)
   results["rows"] = rows = report.summarize(runs, cfg)
   print(f"\n{report.table_heading(cfg, len(splits.test))}\n{report.format_table(rows)}")
+  _print_closure(results)
   report.write_table_and_figures(results, cfg, out, _fig_dir(a), a.fig_prefix)
   results["timings"]["total_s"] = time.perf_counter() - t_all
   report.write_json(out, results)

@@ -22,7 +22,19 @@ from examples.minilm.data import contrastive_loss
 from examples.minilm.model import LORA_TARGETS, EncoderLayer, MiniLMConfig, lora_scale
 from lorapro_jax.pairs import normalise_path
 
-METHODS = ("zero_shot", "full_ft", "lora", "rslora", "lorapro_eff", "lorapro_full")
+METHODS = (
+  "zero_shot",
+  "full_ft",
+  "lora",
+  "rslora",
+  "lorapro_eff",
+  "lorapro_full",
+  "lorapro_fact",
+  "lora_long",
+)
+# The default run and the sweep: every method but the long LoRA run, which is a
+# reference for the harder configuration (--hard), not a competitor.
+DEFAULT_METHODS = tuple(m for m in METHODS if m != "lora_long")
 LABELS = {
   "zero_shot": "Zero-shot",
   "full_ft": "Full FT",
@@ -30,8 +42,11 @@ LABELS = {
   "rslora": "rsLoRA",
   "lorapro_eff": "LoRA-Pro (efficient)",
   "lorapro_full": "LoRA-Pro (full)",
+  "lorapro_fact": "LoRA-Pro (factored)",
+  "lora_long": "LoRA, long",  # Config.long_factor × the steps
 }
-LORA_METHODS = ("lora", "rslora", "lorapro_eff", "lorapro_full")
+LORA_METHODS = ("lora", "rslora", "lorapro_eff", "lorapro_full", "lorapro_fact", "lora_long")
+LORAPRO_MODES = {"lorapro_eff": "efficient", "lorapro_full": "full", "lorapro_fact": "factored"}
 
 # Learning-rate grids of the sweep: three values a half-decade apart per method
 # (different centres for full fine-tuning and the adapters), extended by one
@@ -45,6 +60,7 @@ SWEEP_LRS: dict[str, tuple[float, ...]] = {
   "rslora": (3e-4, 1e-3, 3e-3, 1e-2),
   "lorapro_eff": (1e-3, 3e-3, 1e-2),
   "lorapro_full": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
+  "lorapro_fact": (1e-4, 3e-4, 1e-3, 3e-3),
 }
 DEFAULT_LRS: dict[str, float] = {
   "full_ft": 3e-4,
@@ -52,6 +68,8 @@ DEFAULT_LRS: dict[str, float] = {
   "rslora": 1e-3,
   "lorapro_eff": 3e-3,
   "lorapro_full": 3e-4,
+  "lorapro_fact": 3e-4,
+  "lora_long": 3e-3,  # LoRA's
 }
 
 
@@ -59,7 +77,7 @@ DEFAULT_LRS: dict[str, float] = {
 class Config:
   """One comparison. Defaults are the CLI's default (quick) run."""
 
-  methods: tuple[str, ...] = METHODS
+  methods: tuple[str, ...] = DEFAULT_METHODS
   lrs: Mapping[str, tuple[float, ...]] = dataclasses.field(
     default_factory=lambda: {m: (lr,) for m, lr in DEFAULT_LRS.items()}
   )
@@ -78,6 +96,13 @@ class Config:
   eval_pairs: int = 300  # cap on validation and test pairs
   train_pairs: int | None = None  # cap on training pairs (None: all)
   grad_every: int = 15  # gradient-distance probe period (0: off)
+  # Fixed evaluation set, the same for every method and seed: the first
+  # eval_train_pairs of a data_seed permutation of the training split, in fixed
+  # batches of `batch`, and the validation split. Evaluated after training and,
+  # if eval_every > 0, every eval_every steps (0 pairs: off).
+  eval_train_pairs: int = 512
+  eval_every: int = 0
+  long_factor: int = 4  # lora_long trains long_factor × steps (its own schedule)
   eval_validation: bool | None = None  # None: only when some method has several lrs
   select_seeds: tuple[int, ...] | None = (
     None  # lr chosen on these seeds; the other seeds run the chosen lr only
@@ -96,12 +121,45 @@ class Config:
         raise ValueError(f"no learning rate for method {m!r}")
     if not self.train_layers >= 1:
       raise ValueError("train_layers must be >= 1")
+    if not self.long_factor >= 1:
+      raise ValueError("long_factor must be >= 1")
+
+  def run_steps(self, method: str) -> int:
+    """Training steps of ``method``: ``steps``, or ``long_factor × steps`` for lora_long."""
+    return self.steps * (self.long_factor if method == "lora_long" else 1)
+
+  @property
+  def fixed_eval(self) -> bool:
+    return self.eval_train_pairs > 0
 
   @property
   def select_on_validation(self) -> bool:
     if self.eval_validation is not None:
       return self.eval_validation
     return any(len(self.lrs.get(m, ())) > 1 for m in self.methods)
+
+
+# The harder, opt-in configuration (compare.py --hard): two trained layers, rank
+# 2, more steps, every method with three seeds, the long LoRA run, and the fixed
+# evaluation set every few steps. Full fine-tuning and LoRA differ there by more
+# than 3× the seed std of the paired difference (examples/minilm/RESULTS.md).
+HARD: dict = {
+  "methods": METHODS,
+  "seeds": (0, 1, 2),
+  "train_layers": 2,
+  "rank": 2,
+  "steps": 120,
+  "eval_every": 10,
+  "grad_every": 0,
+}
+
+
+def fixed_eval_indices(n_train: int, n_pairs: int, data_seed: int) -> np.ndarray:
+  """The training pairs of the fixed evaluation set: the first ``n_pairs`` of a
+  permutation seeded by ``data_seed`` alone (the same for every method and seed),
+  cut to whole batches by the caller."""
+  rng = np.random.default_rng([data_seed, 54321])
+  return rng.permutation(n_train)[: min(n_pairs, n_train)]
 
 
 def batch_order(n_train: int, batch: int, steps: int, seed: int) -> np.ndarray:
@@ -189,16 +247,22 @@ def make_top(
 
 def optimizer_kind(method: str) -> str:
   """Methods of one kind share a compiled train step."""
-  return {"full_ft": "adamw", "lora": "adamw_lora", "rslora": "adamw_lora"}.get(method, method)
+  kinds = {
+    "full_ft": "adamw",
+    "lora": "adamw_lora",
+    "rslora": "adamw_lora",
+    "lora_long": "adamw_lora",
+  }
+  return kinds.get(method, method)
 
 
 def make_tx(method: str, scale: float, weight_decay: float) -> optax.GradientTransformation:
   """The method's optimizer with an injected (per-step) learning rate."""
-  if method in ("full_ft", "lora", "rslora"):
+  if method in ("full_ft", "lora", "rslora", "lora_long"):
     return optax.inject_hyperparams(optax.adamw, static_args=("weight_decay",))(
       learning_rate=0.0, weight_decay=weight_decay
     )
-  mode = {"lorapro_eff": "efficient", "lorapro_full": "full"}[method]
+  mode = LORAPRO_MODES[method]
   return optax.inject_hyperparams(lpj.lorapro_adamw, static_args=("mode", "scale", "weight_decay"))(
     learning_rate=0.0, scale=scale, mode=mode, weight_decay=weight_decay
   )

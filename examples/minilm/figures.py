@@ -6,6 +6,12 @@
   full fine-tuning gradient (paper Fig. 4), at the probe steps.
 * ``update_size.png``: Adam's step of A and B at every step, and LoRA-Pro's
   adjustment of g^A at the probe steps (every ``--grad-every`` steps).
+* ``fixed_eval.png`` (runs evaluated every ``--eval-every`` steps): the loss on
+  the fixed training pairs, its paired difference to LoRA's, and the validation
+  loss, with the long LoRA run's final values as dashed lines.
+
+The long LoRA run (``lora_long``) trains on another schedule and horizon, so it
+appears in ``fixed_eval.png`` only.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ COLORS = {
   "rslora": "tab:cyan",
   "lorapro_eff": "tab:orange",
   "lorapro_full": "tab:red",
+  "lorapro_fact": "tab:green",
+  "lora_long": "tab:purple",
 }
 
 
@@ -59,7 +67,7 @@ def make_figures(
 
   out_dir.mkdir(parents=True, exist_ok=True)
   paths = []
-  trained = [m for m in cfg.methods if m != "zero_shot"]
+  trained = [m for m in cfg.methods if m not in ("zero_shot", "lora_long")]
 
   # (1) Training loss (paper Fig. 3): raw, and relative to the pretrained model on the same batch.
   fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=100)
@@ -185,4 +193,76 @@ def make_figures(
     fig.savefig(p)
     plt.close(fig)
     paths.append(p)
+
+  # (4) The fixed evaluation set during training.
+  fixed = {
+    m: [r for r in _chosen_runs(runs, rows, m) if len(r.get("fixed_eval", {}).get("step", [])) > 1]
+    for m in cfg.methods
+    if m != "zero_shot"
+  }
+  fixed = {m: rs for m, rs in fixed.items() if rs}
+  if fixed:
+    p = _fixed_eval_figure(plt, fixed, cfg, out_dir / f"{prefix}fixed_eval.png", caption)
+    paths.append(p)
   return paths
+
+
+def _fixed_eval_figure(plt, fixed: dict[str, list], cfg: Config, path: Path, caption: str) -> Path:
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4.4), dpi=100)
+
+  def curves(rs, key):  # (seeds, evals) by seed, and the eval steps
+    n = min(len(r["fixed_eval"]["step"]) for r in rs)
+    rs = sorted(rs, key=lambda r: r["seed"])
+    return (
+      np.array(rs[0]["fixed_eval"]["step"][:n]),
+      np.array([r["fixed_eval"][key][:n] for r in rs]),
+      [r["seed"] for r in rs],
+    )
+
+  lora = fixed.get("lora")
+  for m, rs in fixed.items():
+    kw = dict(color=COLORS[m], lw=1.6, label=f"{LABELS[m]} (lr {rs[0]['lr']:g})")
+    for ax, key in ((axes[0], "train_loss"), (axes[2], "val_loss")):
+      x, Y, _ = curves(rs, key)
+      if m == "lora_long":  # another horizon: its final value only
+        ax.axhline(Y[:, -1].mean(), color=COLORS[m], ls="--", lw=1.4, label=kw["label"] + ", final")
+        continue
+      ax.plot(x, Y.mean(0), marker=".", ms=4, **kw)
+      if len(Y) > 1:
+        ax.fill_between(
+          x, Y.mean(0) - Y.std(0, ddof=1), Y.mean(0) + Y.std(0, ddof=1), color=COLORS[m], alpha=0.12
+        )
+    if lora is None:
+      continue
+    x, Y, seeds = curves(rs, "train_loss")
+    _, Y0, seeds0 = curves(lora, "train_loss")
+    common = [s for s in seeds if s in seeds0]
+    D = np.array([Y[seeds.index(s)] for s in common])
+    D0 = np.array([Y0[seeds0.index(s)] for s in common])
+    if m == "lora_long":
+      diff = D[:, -1] - D0[:, -1]
+      axes[1].axhline(diff.mean(), color=COLORS[m], ls="--", lw=1.4, label=kw["label"] + ", final")
+      continue
+    n = min(D.shape[1], D0.shape[1])
+    d = D[:, :n] - D0[:, :n]
+    axes[1].plot(x[:n], d.mean(0), marker=".", ms=4, **kw)
+    if len(d) > 1:
+      sd = d.std(0, ddof=1)
+      axes[1].fill_between(x[:n], d.mean(0) - sd, d.mean(0) + sd, color=COLORS[m], alpha=0.12)
+  titles = (
+    f"loss on the fixed {cfg.eval_train_pairs} training pairs",
+    "the same minus LoRA's, paired by seed",
+    "validation loss",
+  )
+  for ax, title in zip(axes, titles):
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+  axes[1].axhline(0.0, color="0.5", lw=0.8)
+  axes[0].set_ylabel(f"InfoNCE, fixed batches of {cfg.batch} (mean ± std over seeds)")
+  axes[0].legend(fontsize=7)
+  fig.text(0.01, 0.01, caption, fontsize=6.5, va="bottom", wrap=True)
+  fig.tight_layout(rect=(0, 0.07, 1, 1))
+  fig.savefig(path)
+  plt.close(fig)
+  return path

@@ -39,7 +39,15 @@ def config_caption(cfg: Config, n_train: int | None = None) -> str:
     f"{device_label()}. Top {cfg.train_layers}/6 layers trained, r={cfg.rank}, alpha={cfg.alpha:g}, "
     f"{cfg.steps} steps, batch {cfg.batch}, query/doc tokens {cfg.query_len}/{cfg.max_len}, "
     f"AdamW wd={cfg.weight_decay:g}, warmup {cfg.warmup_ratio:g} + cosine, "
-    f"seeds {','.join(map(str, cfg.seeds))}" + (f", {n_train} train pairs" if n_train else "")
+    f"seeds {','.join(map(str, cfg.seeds))}"
+    + (f", {n_train} train pairs" if n_train else "")
+    + (f"; LoRA, long: {cfg.run_steps('lora_long')} steps" if "lora_long" in cfg.methods else "")
+    + (
+      f"; fixed evaluation set: {cfg.eval_train_pairs} train pairs + validation"
+      + (f", every {cfg.eval_every} steps" if cfg.eval_every else "")
+      if cfg.fixed_eval
+      else ""
+    )
   )
 
 
@@ -136,8 +144,90 @@ def summarize(runs: Sequence[dict], cfg: Config) -> list[dict]:
     row["final_train_loss"] = _mean_std(losses) if losses else None
     deltas = [d for d in map(final_loss_vs_pretrained, chosen) if d is not None]
     row["final_loss_vs_pretrained"] = _mean_std(deltas) if deltas else None
+    for key in ("train_loss", "val_loss", "val_mrr"):
+      vals = [r["fixed_eval"][key][-1] for r in chosen if r.get("fixed_eval")]
+      row["fixed_" + key] = _mean_std(vals) if vals else None
     rows.append(row)
   return rows
+
+
+# --------------------------------------------------------------------------- gap closure
+
+CLOSURE_METHODS = ("rslora", "lorapro_eff", "lorapro_full", "lorapro_fact")
+CLOSURE_TARGETS = ("full_ft", "lora_long")
+
+
+def final_fixed(runs: Sequence[dict], rows: Sequence[dict], key: str) -> dict[str, dict]:
+  """{method: {seed: last fixed-set ``key``}} of each method's chosen-lr runs."""
+  chosen = {row["method"]: row["lr"] for row in rows}
+  out: dict[str, dict] = {}
+  for r in runs:
+    m = r["method"]
+    if m in chosen and r["lr"] == chosen[m] and r.get("fixed_eval") and r["seed"] is not None:
+      out.setdefault(m, {})[r["seed"]] = r["fixed_eval"][key][-1]
+  return out
+
+
+def gap_closure(runs: Sequence[dict], rows: Sequence[dict], key: str = "train_loss") -> dict | None:
+  """How much of the LoRA → target gap in the final fixed-set ``key`` each method
+  closes, paired by seed: closure = (L_LoRA − L_method) / (L_LoRA − L_target) per
+  seed, mean ± std over the seeds every run has; targets full FT and the long LoRA
+  run. Also the gaps themselves and the paired differences L_method − L_LoRA.
+  None without LoRA runs or targets."""
+  final = final_fixed(runs, rows, key)
+  targets = [t for t in CLOSURE_TARGETS if t in final]
+  if "lora" not in final or not targets:
+    return None
+  out: dict[str, Any] = {"key": key, "targets": {}, "methods": {}}
+  for t in targets:
+    seeds = sorted(set(final["lora"]) & set(final[t]))
+    gap = [final["lora"][s] - final[t][s] for s in seeds]
+    mean, std = _mean_std(gap)
+    out["targets"][t] = {
+      "gap": (mean, std),
+      "seeds": seeds,
+      "gap_over_std": mean / std if std else None,
+    }
+  for m in CLOSURE_METHODS + tuple(t for t in targets if t != "full_ft"):
+    if m not in final:
+      continue
+    seeds = sorted(set(final["lora"]) & set(final[m]))
+    entry = {"seeds": seeds, "diff": _mean_std([final[m][s] - final["lora"][s] for s in seeds])}
+    for t in targets:
+      ss = [s for s in seeds if s in final[t]]
+      if m == t or not ss:
+        continue
+      c = [(final["lora"][s] - final[m][s]) / (final["lora"][s] - final[t][s]) for s in ss]
+      entry["closure_" + t] = _mean_std(c)
+    out["methods"][m] = entry
+  return out
+
+
+def format_closure(closure: dict) -> str:
+  """The gap-closure table (markdown)."""
+  targets = list(closure["targets"])
+  key = {"train_loss": "fixed train-pair loss", "val_loss": "validation loss"}.get(
+    closure["key"], closure["key"]
+  )
+  lines = [f"Gap closure on the {key} (paired by seed; ± std over seeds):", ""]
+  for t, g in closure["targets"].items():
+    ratio = f", {g['gap_over_std']:.1f} std" if g["gap_over_std"] else ""
+    lines.append(
+      f"* LoRA − {LABELS[t]}: {g['gap'][0]:.4f} ± {g['gap'][1]:.4f}{ratio} (seeds {g['seeds']})"
+    )
+  head = ["Method", "loss − LoRA's"] + [f"closure vs {LABELS[t]} (%)" for t in targets]
+  lines += [
+    "",
+    "| " + " | ".join(head) + " |",
+    "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|",
+  ]
+  for m, e in closure["methods"].items():
+    cells = [LABELS[m], f"{e['diff'][0]:+.4f} ± {e['diff'][1]:.4f}"]
+    for t in targets:
+      c = e.get("closure_" + t)
+      cells.append("—" if c is None else f"{100 * c[0]:.0f} ± {100 * c[1]:.0f}")
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
 
 
 def format_table(rows: Sequence[dict], markdown: bool = False) -> str:
@@ -149,32 +239,31 @@ def format_table(rows: Sequence[dict], markdown: bool = False) -> str:
     txt = f"{m * f:.{digits}f}"
     return txt + (f" ± {s * f:.{digits}f}" if s else "")
 
-  head = [
-    "Method",
-    "R@1 (%)",
-    "R@5 (%)",
-    "MRR (%)",
-    "final train loss",
-    "vs zero-shot",
-    "lr",
-    "trainable params",
-    "seeds",
-  ]
+  fixed = any(r.get("fixed_train_loss") for r in rows)
+  head = ["Method", "R@1 (%)", "R@5 (%)", "MRR (%)", "final train loss", "vs zero-shot"]
+  head += ["fixed-set train loss", "validation loss"] if fixed else []
+  head += ["lr", "trainable params", "seeds"]
   body = []
   for r in rows:
-    body.append(
-      [
-        r["label"],
-        cell(r["recall@1"]),
-        cell(r["recall@5"]),
-        cell(r["mrr"]),
-        cell(r["final_train_loss"], pct=False, digits=3),
-        cell(r.get("final_loss_vs_pretrained"), pct=False, digits=3),
-        "—" if r["lr"] is None else f"{r['lr']:g}",
-        f"{r['trainable_params']:,}" if r["trainable_params"] else "0",
-        str(r["n_seeds"]) if r["lr"] is not None else "—",
+    cells = [
+      r["label"],
+      cell(r["recall@1"]),
+      cell(r["recall@5"]),
+      cell(r["mrr"]),
+      cell(r["final_train_loss"], pct=False, digits=3),
+      cell(r.get("final_loss_vs_pretrained"), pct=False, digits=3),
+    ]
+    if fixed:
+      cells += [
+        cell(r.get("fixed_train_loss"), pct=False, digits=4),
+        cell(r.get("fixed_val_loss"), pct=False, digits=4),
       ]
-    )
+    cells += [
+      "—" if r["lr"] is None else f"{r['lr']:g}",
+      f"{r['trainable_params']:,}" if r["trainable_params"] else "0",
+      str(r["n_seeds"]) if r["lr"] is not None else "—",
+    ]
+    body.append(cells)
   if markdown:
     lines = [
       "| " + " | ".join(head) + " |",
@@ -251,9 +340,13 @@ def write_table_and_figures(
 ) -> None:
   """``table.md`` and, unless ``fig_dir`` is None, the figures (listed in ``results``)."""
   caption = results["caption"]
-  (out / "table.md").write_text(
-    format_table(results["rows"], markdown=True) + "\n\n" + caption + "\n"
-  )
+  text = format_table(results["rows"], markdown=True) + "\n\n" + caption + "\n"
+  for key in ("train_loss", "val_loss"):
+    closure = gap_closure(results["runs"], results["rows"], key)
+    if closure is not None:
+      results.setdefault("gap_closure", {})[key] = closure
+      text += "\n" + format_closure(closure) + "\n"
+  (out / "table.md").write_text(text)
   if fig_dir is not None:
     from examples.minilm.figures import make_figures
 

@@ -20,6 +20,7 @@ from examples.minilm.experiment import (
   TopStack,
   TrainFns,
   batch_order,
+  fixed_eval_indices,
   lr_values,
   make_probe,
   make_top,
@@ -67,25 +68,31 @@ class Comparison:
     self.eval_graphdef, _ = nnx.split(self.eval_template)
 
     t0 = time.perf_counter()
-    needed = ["train", "test"] + (["validation"] if cfg.select_on_validation else [])
+    validation = cfg.select_on_validation or cfg.fixed_eval
+    needed = ["train", "test"] + (["validation"] if validation else [])
     self.data: dict[str, Encoded] = {}
     prefix_fn = make_prefix_fn(full, self.n_frozen)
+    n_train = len(self.splits.train)
+    # The fixed evaluation pairs, in whole batches (see Config.eval_train_pairs).
+    fixed = fixed_eval_indices(n_train, cfg.eval_train_pairs, cfg.data_seed)
+    self.fixed_index = fixed[: len(fixed) // cfg.batch * cfg.batch]
+    steps = max(cfg.run_steps(m) for m in cfg.methods)
     for name in needed:
       pairs = self.splits[name]
       if name == "train":
-        used = np.unique(
-          np.concatenate(
-            [batch_order(len(pairs), cfg.batch, cfg.steps, s).ravel() for s in cfg.seeds]
-          )
-        )
+        orders = [batch_order(n_train, cfg.batch, steps, s).ravel() for s in cfg.seeds]
+        used = np.unique(np.concatenate(orders + [self.fixed_index]))
         self.train_index = used
         pairs = [pairs[i] for i in used]
       self.data[name] = encode_pairs(
         prefix_fn, pairs, cfg.query_len, cfg.max_len, cfg.chunk, cfg.progress, name
       )
     # Map original train indices to rows of the (possibly partial) cache.
-    self.train_row = np.full(len(self.splits.train), -1, np.int64)
+    self.train_row = np.full(n_train, -1, np.int64)
     self.train_row[self.train_index] = np.arange(len(self.train_index))
+    if cfg.fixed_eval:
+      enc, rows = self.data["train"], self.train_row[self.fixed_index]
+      self.fixed_train = Encoded(enc.hq[rows], enc.mq[rows], enc.hd[rows], enc.md[rows])
     self.timings["frozen_prefix_s"] = time.perf_counter() - t0
     del full
 
@@ -96,8 +103,9 @@ class Comparison:
     self._embed = embed
     self._fns: dict[str, TrainFns] = {}
     self._probe = None
-    self._baseline: dict[int, list[float]] = {}
+    self._baseline: dict[tuple[int, int], list[float]] = {}
     self._baseline_fn = None
+    self._fixed_start: dict[str, float] | None = None
 
   def describe(self) -> str:
     """The data, the frozen prefix and the setup times."""
@@ -149,13 +157,36 @@ class Comparison:
         out[name] = evaluate_retrieval(q, d)
     return out
 
-  def baseline_losses(self, seed: int) -> list[float]:
+  def _grouped_loss(self, q: np.ndarray, d: np.ndarray) -> float:
+    """Mean InfoNCE over consecutive batches of ``cfg.batch`` pairs (a partial last one dropped)."""
+    b = self.cfg.batch
+    n = len(q) // b * b
+    qg, dg = q[:n].reshape(-1, b, q.shape[-1]), d[:n].reshape(-1, b, d.shape[-1])
+    per_batch = jax.vmap(lambda x, y: contrastive_loss(x, y, self.cfg.temperature))(qg, dg)
+    return float(jnp.mean(per_batch))
+
+  def fixed_evaluate(self, top: TopStack | None) -> dict[str, float]:
+    """The fixed evaluation set: mean loss over the fixed training batches
+    (``train_loss``) and over validation in batches (``val_loss``), and validation MRR."""
+    if top is None and self._fixed_start is not None:
+      return dict(self._fixed_start)
+    state = self.merged_eval_state(top)
+    q, d = self.embed_split(state, self.fixed_train)
+    out = {"train_loss": self._grouped_loss(q, d)}
+    q, d = self.embed_split(state, self.data["validation"])
+    out |= {"val_loss": self._grouped_loss(q, d), "val_mrr": evaluate_retrieval(q, d)["mrr"]}
+    if top is None:
+      self._fixed_start = dict(out)
+    return out
+
+  def baseline_losses(self, seed: int, steps: int | None = None) -> list[float]:
     """The pretrained model's loss on each training batch of ``seed`` (cached).
 
     Every method sees the same batches, so the per-batch difficulty cancels
     in ``loss - baseline``: the loss figure plots that next to the raw loss.
     """
-    if seed not in self._baseline:
+    steps = steps or self.cfg.steps
+    if (seed, steps) not in self._baseline:
       cfg = self.cfg
       state = self.merged_eval_state(None)
       graphdef, temperature = self.eval_graphdef, cfg.temperature
@@ -167,9 +198,9 @@ class Comparison:
           return contrastive_loss(*nnx.merge(graphdef, state).embed_pair(*batch), temperature)
 
         self._baseline_fn = f
-      order = batch_order(len(self.splits.train), cfg.batch, cfg.steps, seed)
+      order = batch_order(len(self.splits.train), cfg.batch, steps, seed)
       enc = self.data["train"]
-      self._baseline[seed] = [
+      self._baseline[seed, steps] = [
         float(self._baseline_fn(state, enc.batch(self.train_row[idx])))
         for idx in progress_bar(
           order,
@@ -179,7 +210,7 @@ class Comparison:
           mininterval=1.0,
         )
       ]
-    return self._baseline[seed]
+    return self._baseline[seed, steps]
 
   # ----------------------------------------------------------------- training
 
@@ -204,13 +235,27 @@ class Comparison:
     scale = jnp.asarray(method_scale(method, cfg), jnp.float32)
     params, frozen, other = fns.split(top)
     opt_state = fns.init_opt(params)
-    order = batch_order(len(self.splits.train), cfg.batch, cfg.steps, seed)
+    steps = cfg.run_steps(method)
+    order = batch_order(len(self.splits.train), cfg.batch, steps, seed)
     enc = self.data["train"]
-    schedule = lr_values(lr, cfg.steps, cfg.warmup_ratio)
+    schedule = lr_values(lr, steps, cfg.warmup_ratio)
     losses, lrs, stats_hist, probes = [], [], [], []
+    fixed: dict[str, list] = {}
+    t_fixed = 0.0
+
+    def fixed_eval(step, params):  # on the fixed evaluation set, timed apart from training
+      nonlocal t_fixed
+      t0 = time.perf_counter()
+      ev = self.fixed_evaluate(fns.merge(params, frozen, other) if step else None)
+      for k, v in {"step": step, **ev}.items():
+        fixed.setdefault(k, []).append(v)
+      t_fixed += time.perf_counter() - t0
+
+    if cfg.fixed_eval and cfg.eval_every:
+      fixed_eval(0, params)
     t_first = None
     bar = progress_bar(
-      range(cfg.steps),
+      range(steps),
       desc=f"{method} lr={lr:g} seed={seed}",
       leave=False,
       disable=not cfg.progress,
@@ -235,27 +280,36 @@ class Comparison:
       stats_hist.append({k: float(v) / lr_t for k, v in stats.items()})  # update size per unit lr
       if hasattr(bar, "set_postfix") and step % 5 == 0:
         bar.set_postfix(loss=f"{loss:.3f}")
-    t_train = time.perf_counter() - t_start
+      done = step + 1
+      if cfg.fixed_eval and cfg.eval_every and done % cfg.eval_every == 0 and done < steps:
+        fixed_eval(done, params)
+    finite = all(map(math.isfinite, losses))
+    if cfg.fixed_eval and finite:  # after the last step
+      fixed_eval(len(losses), params)
+    t_train = time.perf_counter() - t_start - t_fixed
     top = fns.merge(params, frozen, other)
     t0 = time.perf_counter()
-    metrics = self.evaluate(top) if all(map(math.isfinite, losses)) else {}
+    metrics = self.evaluate(top) if finite else {}
     n_tail = max(1, len(losses) // 10)
     return {
       "method": method,
       "lr": lr,
       "seed": seed,
+      "steps": steps,
       "metrics": metrics,
+      "fixed_eval": fixed,
       "final_train_loss": float(np.mean(losses[-n_tail:])),
       "initial_train_loss": losses[0],
       "losses": losses,
       "lrs": lrs,
       "step_stats": {k: [s[k] for s in stats_hist] for k in (stats_hist[0] if stats_hist else {})},
-      "baseline_losses": self.baseline_losses(seed)[: len(losses)],
+      "baseline_losses": self.baseline_losses(seed, steps)[: len(losses)],
       "probes": probes,
       "trainable_params": int(sum(x.size for x in jax.tree.leaves(params))),
       "time_first_step_s": t_first,
       "time_train_s": t_train,
       "time_eval_s": time.perf_counter() - t0,
+      "time_fixed_eval_s": t_fixed,
     }
 
   def run_all(self, on_run: Callable[[dict], None] | None = None) -> list[dict]:
@@ -264,12 +318,16 @@ class Comparison:
     if "zero_shot" in cfg.methods:
       t0 = time.perf_counter()
       metrics = self.evaluate(None)
+      fixed = {}
+      if cfg.fixed_eval:
+        fixed = {"step": [0], **{k: [v] for k, v in self.fixed_evaluate(None).items()}}
       runs.append(
         {
           "method": "zero_shot",
           "lr": None,
           "seed": None,
           "metrics": metrics,
+          "fixed_eval": fixed,
           "final_train_loss": None,
           "trainable_params": 0,
           "time_eval_s": time.perf_counter() - t0,
@@ -288,6 +346,9 @@ class Comparison:
         f" -> {run['final_train_loss']:.3f}  test R@1 {m.get('recall@1', float('nan')):.3f}"
         f" MRR {m.get('mrr', float('nan')):.3f}"
         + (f"  val MRR {v['mrr']:.3f}" if v else "")
+        + (
+          f"  fixed-set loss {run['fixed_eval']['train_loss'][-1]:.4f}" if run["fixed_eval"] else ""
+        )
         + f"  ({run['time_train_s']:.0f} s train, first step {run['time_first_step_s']:.0f} s)"
       )
       if on_run:
