@@ -1,0 +1,1 @@
+"""A Gemma-style NNX decoder with Qwix LoRA, trained with plain LoRA and LoRA-Pro."""
