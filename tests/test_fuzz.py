@@ -6,25 +6,35 @@ dtypes float16, bfloat16, float32 and float64 (under an x64 context), zero,
 rank-deficient and one-hot factors, consistent (from one full gradient g) or
 arbitrary LoRA gradients. Properties, in both modes and for every x_choice:
 
-* finite inputs never give NaN or Inf (updates and full-mode moments);
-* for consistent gradients g_lora = (s·Bᵀg, s·g·Aᵀ) the adjusted pair is a
-  descent direction, <g_lora^A, g^A> + <g_lora^B, g^B> >= 0 up to rounding,
-  whenever both Gram matrices are well conditioned and no output saturated.
-  (The X terms cancel exactly for consistent gradients: <g_lora^A, X·A> =
-  <g_lora^B, B·X> = s·tr(X·A·gᵀ·B); what remains is a sum of PSD forms.)
-* in float32 and float64, efficient mode, the adjusted pair matches the
-  float64 reference (`reference.lorapro_gradients`) wherever that comparison
-  is fair (`_check_accuracy`): compiled XLA rewrites products of extreme
-  scales, which finiteness alone does not catch.
+* `test_finite_inputs_give_finite_outputs_and_descent`: finite inputs never
+  give NaN or Inf (updates and full-mode moments), and for consistent
+  gradients g_lora = (s·Bᵀg, s·g·Aᵀ) the adjusted pair is a descent direction,
+  <g_lora^A, g^A> + <g_lora^B, g^B> >= 0 up to rounding, whenever both Gram
+  matrices are well conditioned and no output saturated. (The X terms cancel
+  exactly for consistent gradients: <g_lora^A, X·A> = <g_lora^B, B·X> =
+  s·tr(X·A·gᵀ·B); what remains is a sum of PSD forms.)
+* `test_accuracy_against_float64_reference`: in float32 and float64,
+  efficient mode (compiled; op by op too in a campaign), the adjusted pair
+  matches the float64 reference (`reference.lorapro_gradients`) on the cases
+  where that comparison is fair (`_check_accuracy`), which its strategy draws
+  only: Gaussian factors with m, n > r, magnitudes 1e-30 to 1e30 (float64: half
+  of them up to 1e±150, to reach its normalised path).
+  Compiled XLA rewrites products of extreme scales and flushes subnormal
+  intermediates to zero, which finiteness alone does not catch.
+
+Every property a test advertises must have been checked at least once in the
+run, or the module fails at teardown (`checked`): a property that its
+strategies never reach is a test that cannot fail.
 
 The default profile runs a modest number of examples over a small pool of
-shapes (every new shape compiles). A larger campaign:
+shapes (every new shape compiles). A larger campaign, which also adds shapes:
 
-    LORAPRO_FUZZ_EXAMPLES=2000 python -m pytest tests/test_fuzz.py -q
+    LORAPRO_FUZZ_EXAMPLES=2000 python -m pytest tests/test_fuzz.py -q --hypothesis-show-statistics
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 
@@ -37,21 +47,28 @@ from hypothesis import HealthCheck, assume, event, example, given, settings
 from hypothesis import strategies as st
 
 import lorapro_jax as lpj
+from lorapro_jax import batched
 from tests import reference as ref
 
+CAMPAIGN = "LORAPRO_FUZZ_EXAMPLES" in os.environ
 MAX_EXAMPLES = int(os.environ.get("LORAPRO_FUZZ_EXAMPLES", "25"))
 FUZZ = settings(
   max_examples=MAX_EXAMPLES,
   deadline=None,
-  derandomize="LORAPRO_FUZZ_EXAMPLES" not in os.environ,
+  derandomize=not CAMPAIGN,
   suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
+X_CHOICES = ("sylvester", "zero", "symmetric")
 
 # (batch shape, m, n, r): r = 1, r > min(m, n), m = 1, n = 1, stacked axes.
-# Each shape compiles once per compute dtype (float32, float64; several seconds),
-# so the default pool is small; a campaign adds more.
+# Each shape compiles once per dtype (several seconds), so the default pool is
+# small; a campaign adds more.
 SHAPES = [((2,), 1, 5, 1), ((), 6, 1, 3), ((2, 1), 3, 4, 5), ((), 5, 2, 1)]
-if "LORAPRO_FUZZ_EXAMPLES" in os.environ:
+# Shapes of the accuracy test: m, n > r (for m <= r, g^B is a difference of nearly
+# equal terms; for n <= r, with X from Eq. 15 or 16, so is g^A). test_theorems
+# compiles the update of (7, 5, 2) in float32 and float64 as well.
+ACCURACY_SHAPES = [((), 5, 2, 1), ((), 7, 5, 2)]
+if CAMPAIGN:
   SHAPES += [
     ((), 5, 4, 1),
     ((2,), 1, 5, 2),
@@ -60,7 +77,9 @@ if "LORAPRO_FUZZ_EXAMPLES" in os.environ:
     ((), 2, 9, 2),
     ((3,), 7, 9, 12),
     ((), 16, 12, 8),
+    ((), 7, 5, 2),
   ]
+  ACCURACY_SHAPES += [((), 5, 4, 1), ((2,), 9, 6, 3), ((), 16, 12, 8)]
 DTYPES = {
   "float16": np.float16,
   "bfloat16": jnp.bfloat16,
@@ -68,8 +87,53 @@ DTYPES = {
   "float64": np.float64,
 }
 # Decimal exponents of the magnitudes: 1e-30 .. 1e30, float16 its range (subnormals from 6e-8).
-EXPONENTS = {"float16": (-7, 3), "bfloat16": (-30, 30), "float32": (-30, 30), "float64": (-30, 30)}
+EXPONENTS = {
+  "float16": [(-7, 3)],
+  "bfloat16": [(-30, 30)],
+  "float32": [(-30, 30)],
+  "float64": [(-30, 30)],
+}
+# float64 takes the normalised path only beyond about 1e±146 (a Gram trace beyond
+# r·tiny/eps or eps/tiny): half of the accuracy test's float64 magnitudes go that far
+# (not beyond 1e±150, where the float64 reference itself overflows).
+ACCURACY_EXPONENTS = {"float32": [(-30, 30)], "float64": [(-30, 30), (-150, 150)]}
 KINDS = ("normal", "normal", "zero", "rank_deficient", "one_hot")
+# A campaign records which path each update took (`batched.record_paths`), for its
+# statistics and to require accuracy checks on both; recording compiles separately.
+RECORD_PATHS = CAMPAIGN
+
+# What each test advertises: every one must be checked at least once (`checked`).
+ADVERTISED = {
+  "test_finite_inputs_give_finite_outputs_and_descent": [
+    f"{what} ({x})" for what in ("finite efficient", "finite full", "descent") for x in X_CHOICES
+  ],
+  "test_accuracy_against_float64_reference": [
+    f"accuracy ({x}, {dt}{path})"
+    for x in X_CHOICES
+    for dt in ("float32", "float64")
+    for path in ((", raw", ", normalised") if RECORD_PATHS else ("",))
+  ],
+}
+
+
+@pytest.fixture(scope="module")
+def checked():
+  """Counts the properties checked; at the end of the module, every property
+  advertised by a test that ran must have been checked at least once."""
+  counts, ran = collections.Counter(), set()
+  yield counts, ran
+  missing = {t: [p for p in ADVERTISED[t] if not counts[p]] for t in sorted(ran)}
+  missing = {t: ps for t, ps in missing.items() if ps}
+  assert not missing, f"advertised properties that never ran: {missing}; counts: {dict(counts)}"
+
+
+def _count(checked, test, prop=None):
+  """Records that ``test`` ran, and that it checked ``prop``."""
+  counts, ran = checked
+  ran.add(test)
+  if prop is not None:
+    counts[prop] += 1
+    event(f"checked: {prop}")
 
 
 def _factor(rng, kind, shape, r_axis):
@@ -89,19 +153,20 @@ def _factor(rng, kind, shape, r_axis):
 
 
 @st.composite
-def cases(draw):
-  batch, m, n, r = draw(st.sampled_from(SHAPES))
-  dtype = draw(st.sampled_from(sorted(DTYPES)))
-  lo, hi = EXPONENTS[dtype]
-  exps = [draw(st.integers(lo, hi)) for _ in range(3)]
+def cases(draw, shapes=None, dtypes=None, kinds=KINDS, exponents=None):
+  batch, m, n, r = draw(st.sampled_from(shapes or SHAPES))
+  dtype = draw(st.sampled_from(dtypes or sorted(DTYPES)))
+  exps = [
+    draw(st.one_of(*(st.integers(*e) for e in (exponents or EXPONENTS)[dtype]))) for _ in "abg"
+  ]
   return {
     "batch": batch,
     "m": m,
     "n": n,
     "r": r,
     "dtype": dtype,
-    "kind_a": draw(st.sampled_from(KINDS)),
-    "kind_b": draw(st.sampled_from(KINDS)),
+    "kind_a": draw(st.sampled_from(kinds)),
+    "kind_b": draw(st.sampled_from(kinds)),
     "scale_a": 10.0 ** exps[0],
     "scale_b": 10.0 ** exps[1],
     "scale_g": 10.0 ** exps[2],
@@ -144,7 +209,7 @@ def _assert_finite(tree, what):
     assert np.all(np.isfinite(np.asarray(x, np.float64))), (what, x)
 
 
-def _check_descent(case, gA, gB, out, A, B, x_choice):
+def _check_descent(checked, case, gA, gB, out, A, B, x_choice):
   """<g_lora, adjusted> >= -tol, in float64 on the values actually passed and returned."""
   dt = DTYPES[case["dtype"]]
   cond = max(_cond(np.swapaxes(B, -1, -2) @ B), _cond(A @ np.swapaxes(A, -1, -2)))
@@ -156,35 +221,76 @@ def _check_descent(case, gA, gB, out, A, B, x_choice):
   eps = float(jnp.finfo(dt).eps)
   saturated = np.any(np.abs(v) >= float(jnp.finfo(dt).max))
   if cond <= 1e4 and 30 * eps * cond < 0.1 and not saturated:
-    event(f"descent checked ({x_choice})")
+    _count(checked, "test_finite_inputs_give_finite_outputs_and_descent", f"descent ({x_choice})")
     tol = 30 * eps * cond * np.linalg.norm(u) * np.linalg.norm(v)
     assert u @ v >= -tol, (x_choice, u @ v, tol, cond)
   else:
     event(f"descent not checked: {'saturated' if saturated else 'ill-conditioned'}")
 
 
-def _check_accuracy(case, gA, gB, out, A, B, x_choice):
-  """float32/float64 results against the float64 reference (undamped), where
-  that is a fair comparison: both Gram matrices well conditioned (damping
-  and rounding change little), m > r and n > r (for m <= r, g^B is a
-  difference of nearly equal terms; for n <= r, with X from Eq. 15 or 16, so
-  is g^A), and every slice's result within the dtype's range."""
-  if case["dtype"] not in ("float32", "float64") or min(case["m"], case["n"]) <= case["r"]:
-    return
+def _check_accuracy(checked, case, gA, gB, out, A, B, x_choice, raw):
+  """float32/float64 results against the float64 reference (undamped), where that is
+  a fair comparison: both Gram matrices well conditioned (damping and rounding change
+  little) and every slice's result within the dtype's range. Inputs below the dtype's
+  smallest normal number are read as zero by XLA (flush to zero), so the reference
+  gets them as zero too. ``raw``: the path taken (False: normalised), None if not
+  recorded."""
   dt = DTYPES[case["dtype"]]
+  info = jnp.finfo(dt)
+  tiny, eps = float(info.tiny), float(info.eps)
+  if any(np.any((x != 0) & (np.abs(x) < tiny)) for x in (A, B, gA, gB)):
+    event("accuracy: subnormal inputs read as zero")
+    A, B, gA, gB = (np.where(np.abs(x) < tiny, 0.0, x) for x in (A, B, gA, gB))
   flat = lambda x: np.reshape(x, (-1,) + x.shape[-2:])
   got = [flat(np.swapaxes(np.asarray(out[k], np.float64), -1, -2)) for k in ("lora_a", "lora_b")]
+  path = {True: "raw", False: "normalised", None: "unrecorded"}[raw]
   for i, (a, b, ga, gb) in enumerate(zip(*(flat(x) for x in (A, B, gA, gB)))):
     if max(_cond(b.T @ b), _cond(a @ a.T)) > 100:
+      event("accuracy not checked: ill-conditioned")
       continue
-    want = ref.lorapro_gradients(ga, gb, a, b, case["s"], x_choice)
+    with np.errstate(all="ignore"):  # products beyond float64's range: skipped below
+      want = ref.lorapro_gradients(ga, gb, a, b, case["s"], x_choice)
     size = max(np.max(np.abs(w)) for w in want)
-    if not 1e3 * float(jnp.finfo(dt).tiny) < size < 1e-3 * float(jnp.finfo(dt).max):
+    if not 1e3 * tiny < size < 1e-3 * float(info.max):
+      event("accuracy not checked: result near the dtype's limits")
       continue
-    event(f"accuracy checked ({x_choice})")
+    gmax = [np.max(np.abs(x)) for x in (ga, gb)]
+    if min(gmax) < tiny / eps * max(gmax):
+      # Known issue (test_paths, strict xfail): the normalised path divides both
+      # gradients by one scale, and the smaller one underflows. (Consistent gradients
+      # this far apart need max|A|/max|B| beyond 1/(tiny/eps), where a Gram trace is
+      # out of the raw path's range.)
+      event(f"accuracy not checked: gradient scales too far apart ({path} path)")
+      continue
+    prop = f"accuracy ({x_choice}, {case['dtype']}{'' if raw is None else ', ' + path})"
+    _count(checked, "test_accuracy_against_float64_reference", prop)
     err = max(np.max(np.abs(g[i] - w)) for g, w in zip(got, want)) / size
     # float64: the damping alone changes the result by up to ~δ·cond = 1e-4.
-    assert err < (1e-2 if dt == np.float32 else 1e-3), (x_choice, i, err)
+    assert err < (1e-2 if dt == np.float32 else 1e-3), (x_choice, path, i, err)
+
+
+def _x64(case):
+  return jax.enable_x64(True) if case["dtype"] == "float64" else contextlib.nullcontext()
+
+
+# Found by a fuzz campaign (seed 20261202, issue 13 item 8): the raw path flushed the
+# subnormal r×r product (BᵀB)⁻¹/s²·Bᵀg_lora^B to zero and g^B lost its projection term
+# (relative error 0.027); it now takes the normalised path (lorapro_jax.batched._raw_trusted).
+UNDERFLOW_CASE = {
+  "batch": (),
+  "m": 5,
+  "n": 2,
+  "r": 1,
+  "dtype": "float32",
+  "kind_a": "normal",
+  "kind_b": "normal",
+  "scale_a": 0.1,
+  "scale_b": 1e5,
+  "scale_g": 1e-30,
+  "consistent": True,
+  "s": 8.0,
+  "seed": 0,
+}
 
 
 @FUZZ
@@ -208,22 +314,24 @@ def _check_accuracy(case, gA, gB, out, A, B, x_choice):
     "seed": 0,
   }
 )
-def test_finite_inputs_give_finite_outputs_and_descent(case):
+@example(case=UNDERFLOW_CASE)
+def test_finite_inputs_give_finite_outputs_and_descent(checked, case):
   data = _inputs(case)
   assume(data is not None)
   params, grads, (A, B, gA, gB) = data
   dt = DTYPES[case["dtype"]]
-  x64 = jax.enable_x64(True) if case["dtype"] == "float64" else contextlib.nullcontext()
-  with x64:
+  name = "test_finite_inputs_give_finite_outputs_and_descent"
+  _count(checked, name)
+  with _x64(case):
     params, grads = jax.tree.map(jnp.asarray, (params, grads))
-    for x_choice in ("sylvester", "zero", "symmetric"):
+    for x_choice in X_CHOICES:
       tx = lpj.lorapro(case["s"], x_choice=x_choice)
       out, _ = tx.update(grads, tx.init(params), params)
       _assert_finite(out, ("efficient", x_choice))
       assert all(np.asarray(x).dtype == dt for x in jax.tree.leaves(out))
+      _count(checked, name, f"finite efficient ({x_choice})")
       if case["consistent"]:
-        _check_descent(case, gA, gB, out, A, B, x_choice)
-      _check_accuracy(case, gA, gB, out, A, B, x_choice)
+        _check_descent(checked, case, gA, gB, out, A, B, x_choice)
 
       # Full mode: two steps (moments from zero, then non-zero).
       tx = lpj.lorapro(case["s"], mode="full", x_choice=x_choice)
@@ -232,6 +340,53 @@ def test_finite_inputs_give_finite_outputs_and_descent(case):
         out, state = tx.update(step_grads, state, params)
         _assert_finite(out, ("full", x_choice))
         _assert_finite(state, ("full state", x_choice))
+      _count(checked, name, f"finite full ({x_choice})")
+
+
+@st.composite
+def accuracy_cases(draw):
+  case = draw(cases(ACCURACY_SHAPES, ["float32", "float64"], ("normal",), ACCURACY_EXPONENTS))
+  # Op by op (jax.disable_jit) in a campaign only: its first call per shape costs seconds.
+  case["op_by_op"] = draw(st.booleans()) if CAMPAIGN else False
+  return case
+
+
+@FUZZ
+@given(case=accuracy_cases())
+@example(case={**UNDERFLOW_CASE, "op_by_op": False})
+@example(case={**UNDERFLOW_CASE, "scale_g": 1e-10, "op_by_op": False})  # the raw path
+@example(  # r = 2, float64, magnitudes far apart
+  case={
+    **UNDERFLOW_CASE,
+    "m": 7,
+    "n": 5,
+    "r": 2,
+    "dtype": "float64",
+    "scale_a": 1e-20,
+    "scale_b": 1e12,
+    "scale_g": 1e-25,
+    "op_by_op": False,
+  }
+)
+@example(  # float64, A ~ 1e-150: AAᵀ is below r·tiny/eps, the normalised path
+  case={**UNDERFLOW_CASE, "dtype": "float64", "scale_a": 1e-150, "scale_b": 1.0, "op_by_op": False}
+)
+def test_accuracy_against_float64_reference(checked, case):
+  _count(checked, "test_accuracy_against_float64_reference")
+  data = _inputs(case)
+  assume(data is not None)
+  params, grads, (A, B, gA, gB) = data
+  jit = jax.disable_jit() if case["op_by_op"] else contextlib.nullcontext()
+  with _x64(case), jit:
+    params, grads = jax.tree.map(jnp.asarray, (params, grads))
+    for x_choice in X_CHOICES:
+      tx = lpj.lorapro(case["s"], x_choice=x_choice)
+      with batched.record_paths() if RECORD_PATHS else contextlib.nullcontext([None]) as paths:
+        out, _ = tx.update(grads, (), params)
+      (raw,) = paths
+      if RECORD_PATHS:
+        event(f"path: {'raw' if raw else 'normalised'}")
+      _check_accuracy(checked, case, gA, gB, out, A, B, x_choice, raw)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
