@@ -87,15 +87,22 @@ def _check_extreme(case, x_choice):
     assert _rel_err(got, want) < 1e-3
 
 
-@pytest.mark.parametrize("x_choice", X_CHOICES)
-@pytest.mark.parametrize("case", sorted(EXTREMES))
+# With B = 0 every x_choice gives X = 0 (test_theorems checks that the three agree).
+_EXTREME_CASES = [
+  (case, x_choice)
+  for case in sorted(EXTREMES)
+  for x_choice in X_CHOICES
+  if case != "zero_B" or x_choice == "sylvester"
+]
+
+
+@pytest.mark.parametrize("case, x_choice", _EXTREME_CASES)
 def test_normalised_path_for_extreme_inputs(eager_paths, case, x_choice):
   _check_extreme(case, x_choice)
   assert eager_paths == [False], "the raw path was taken for float32-unsafe inputs"
 
 
-@pytest.mark.parametrize("x_choice", X_CHOICES)
-@pytest.mark.parametrize("case", sorted(EXTREMES))
+@pytest.mark.parametrize("case, x_choice", _EXTREME_CASES)
 def test_extreme_inputs_compiled(compiled_paths, case, x_choice):
   """The same, compiled: XLA rewrites some expressions (e.g. (x/a)/b as
   x/(a·b)), so eager results prove nothing about the jitted update. These
