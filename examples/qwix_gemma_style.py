@@ -1,12 +1,13 @@
 """Qwix LoRA on a small Gemma-style decoder: plain LoRA vs LoRA-Pro (every mode).
 
 A random-init NNX decoder (einsum attention with a heads axis, gated MLP,
-RMSNorm, rotary embeddings) gets Qwix LoRA weights on every einsum kernel, as
-Tunix's PEFT trainer applies them, and trains next-byte prediction on the
-docstrings of the Python standard library (offline). Prints the validation loss
-curve of each method (about a minute on two CPU cores)::
+RMSNorm, rotary embeddings) gets Qwix LoRA weights on its attention einsums
+(``--targets all``: and its MLP's), as Tunix's PEFT trainer applies them, and
+trains next-byte prediction on the docstrings of the Python standard library
+(offline). Prints the validation loss curve of each method (about a minute on
+two CPU cores, most of it compiling)::
 
-    python examples/qwix_gemma_style.py [--steps 100] [--lr 3e-3] [--rank 8]
+    python examples/qwix_gemma_style.py [--steps 100] [--lr 3e-3] [--rank 8] [--targets all]
     python examples/qwix_gemma_style.py --smoke   # tiny model, one pair, 3 steps (a test)
 """
 
@@ -21,7 +22,7 @@ if __package__ in (None, ""):  # `python examples/qwix_gemma_style.py`
   sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from examples.qwix_gemma.model import Config
-from examples.qwix_gemma.train import RunConfig, run, table
+from examples.qwix_gemma.train import TARGETS, RunConfig, run, table
 
 SMOKE = RunConfig(
   model=Config(layers=1, dim=32, heads=2, head_dim=8, hidden=32),
@@ -43,12 +44,14 @@ def main(argv=None) -> None:
   p.add_argument("--rank", type=int, default=RunConfig.rank)
   p.add_argument("--alpha", type=float, default=RunConfig.alpha)
   p.add_argument("--seed", type=int, default=RunConfig.seed)
+  p.add_argument("--targets", choices=sorted(TARGETS), default="attention", help="adapted einsums")
   p.add_argument("--smoke", action="store_true", help="tiny model and 3 steps (a test)")
   args = p.parse_args(argv)
   config = RunConfig() if not args.smoke else SMOKE
   if not args.smoke:
     fields = ("steps", "lr", "rank", "alpha", "seed")
     config = dataclasses.replace(config, **{k: getattr(args, k) for k in fields})
+    config = dataclasses.replace(config, targets=TARGETS[args.targets])
   curves = run(config)
   print("\nValidation loss (nats per byte; ln 256 = 5.545 is uniform):\n")
   print(table(curves))
