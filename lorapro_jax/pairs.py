@@ -267,11 +267,11 @@ def _dims(a_shape, b_shape, layout: Layout, a_path: Path, b_path: Path, batch_ax
   if not found:
     shared = max(k for k in range(len(axes)) if a_shape[:k] == b_shape[:k])
     if shared == 0:
-      tried = f"the leaves share no leading (batch) axes and {other}'s axis 0 is {axes[0]}"
+      tried = f"with no batch axes {other}'s rank axis, its axis 0, is {axes[0]}"
     else:
       tried = (
-        f"for k = 0…{shared} leading (batch) axes (those both leaves share) {other}'s axis k, "
-        f"its rank axis, is {axes[: shared + 1]}"
+        f"for k = 0…{shared} batch axes (the leading axes both leaves share) {other}'s rank "
+        f"axis, its axis k, is {axes[: shared + 1]}"
       )
     raise ValueError(
       f"{where}: no number of batch axes fits the layout, {_LAYOUT_DOC[layout]}: the rank is "
