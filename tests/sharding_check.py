@@ -5,9 +5,11 @@ initialised JAX with one device):
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharding_check.py
 
-For every layout (FSDP, tensor-parallel, data-parallel) and mode (efficient,
-full), in float32 (with LORAPRO_SHARDING_X64=1 also FSDP full mode in float64), it trains a few steps with LoRA params,
-gradients and optimizer state sharded on a `jax.sharding.Mesh`, and records
+For every layout (FSDP, tensor-parallel, data-parallel) and mode, in float32,
+and FSDP efficient mode in float64 (with LORAPRO_SHARDING_X64=1 also FSDP full
+mode, whose float64 single-device reference costs about twice as much), it
+trains a few steps with LoRA params, gradients and optimizer state sharded on a
+`jax.sharding.Mesh`, and records
 
 * the largest difference from the same steps on a single device,
 * the shardings of the updates and of the full-mode moments, pair moments and
@@ -264,8 +266,9 @@ def main():
   for name in LAYOUTS:
     for mode in ("efficient", *MOMENT_MODES):
       reports.append(run_case(name, mode, np.float32))
-  if os.environ.get("LORAPRO_SHARDING_X64"):  # float64: agreement down to rounding
-    with jax.enable_x64(True):
+  with jax.enable_x64(True):  # float64: agreement down to rounding
+    reports.append(run_case("fsdp", "efficient", np.float64))
+    if os.environ.get("LORAPRO_SHARDING_X64"):
       reports.append(run_case("fsdp", "full", np.float64))
   shapes = {"in": IN, "out": OUT, "out2": OUT2, "r": R, "layers": LAYERS, "heads": HEADS}
   meta = {"shapes": shapes}
