@@ -139,6 +139,7 @@ def main_from_results(a) -> int:
   out.mkdir(parents=True, exist_ok=True)
   report.write_table_and_figures(results, cfg, out, _fig_dir(a), a.fig_prefix)
   report.write_json(out, results)
+  report.write_summary(out, results)
   return 0
 
 
@@ -189,6 +190,7 @@ def main(argv=None) -> int:
   report.write_table_and_figures(results, cfg, out, _fig_dir(a), a.fig_prefix)
   results["timings"]["total_s"] = time.perf_counter() - t_all
   report.write_json(out, results)
+  report.write_summary(out, results)
   print(f"results: {out / 'results.json'}; wall time {results['timings']['total_s']:.0f} s")
   return 0
 

@@ -149,7 +149,7 @@ HARD: dict = {
   "train_layers": 2,
   "rank": 2,
   "steps": 120,
-  "eval_every": 10,
+  "eval_every": 30,
   "grad_every": 0,
 }
 

@@ -149,13 +149,18 @@ class Comparison:
     return outs[0], outs[1]
 
   def evaluate(self, top: TopStack | None) -> dict[str, dict[str, float]]:
+    """Retrieval metrics on validation (when encoded) and test."""
+    return self._evaluate(top)[0]
+
+  def _evaluate(self, top: TopStack | None, fixed: bool = False):
+    """(metrics, fixed-set evaluation or None), the validation pass shared by both."""
     state = self.merged_eval_state(top)
-    out = {}
+    out, emb = {}, {}
     for name in ("validation", "test"):
       if name in self.data:
-        q, d = self.embed_split(state, self.data[name])
+        emb[name] = q, d = self.embed_split(state, self.data[name])
         out[name] = evaluate_retrieval(q, d)
-    return out
+    return out, (self._fixed_eval_of(state, emb.get("validation")) if fixed else None)
 
   def _grouped_loss(self, q: np.ndarray, d: np.ndarray) -> float:
     """Mean InfoNCE over consecutive batches of ``cfg.batch`` pairs (a partial last one dropped)."""
@@ -170,14 +175,19 @@ class Comparison:
     (``train_loss``) and over validation in batches (``val_loss``), and validation MRR."""
     if top is None and self._fixed_start is not None:
       return dict(self._fixed_start)
-    state = self.merged_eval_state(top)
-    q, d = self.embed_split(state, self.fixed_train)
-    out = {"train_loss": self._grouped_loss(q, d)}
-    q, d = self.embed_split(state, self.data["validation"])
-    out |= {"val_loss": self._grouped_loss(q, d), "val_mrr": evaluate_retrieval(q, d)["mrr"]}
+    out = self._fixed_eval_of(self.merged_eval_state(top))
     if top is None:
       self._fixed_start = dict(out)
     return out
+
+  def _fixed_eval_of(self, state, validation=None) -> dict[str, float]:
+    """:meth:`fixed_evaluate` of a merged eval state; ``validation``: its (q, d) embeddings."""
+    q, d = self.embed_split(state, self.fixed_train)
+    out = {"train_loss": self._grouped_loss(q, d)}
+    q, d = (
+      validation if validation is not None else self.embed_split(state, self.data["validation"])
+    )
+    return out | {"val_loss": self._grouped_loss(q, d), "val_mrr": evaluate_retrieval(q, d)["mrr"]}
 
   def baseline_losses(self, seed: int, steps: int | None = None) -> list[float]:
     """The pretrained model's loss on each training batch of ``seed`` (cached).
@@ -243,15 +253,19 @@ class Comparison:
     fixed: dict[str, list] = {}
     t_fixed = 0.0
 
+    def record(step, ev):
+      for k, v in {"step": step, **ev}.items():
+        fixed.setdefault(k, []).append(v)
+
     def fixed_eval(step, params):  # on the fixed evaluation set, timed apart from training
       nonlocal t_fixed
       t0 = time.perf_counter()
-      ev = self.fixed_evaluate(fns.merge(params, frozen, other) if step else None)
-      for k, v in {"step": step, **ev}.items():
-        fixed.setdefault(k, []).append(v)
+      record(step, self.fixed_evaluate(fns.merge(params, frozen, other) if step else None))
       t_fixed += time.perf_counter() - t0
 
-    if cfg.fixed_eval and cfg.eval_every:
+    # The same number of evaluations for the long run: every eval_every × long_factor steps.
+    every = cfg.eval_every * steps // cfg.steps
+    if cfg.fixed_eval and every:
       fixed_eval(0, params)
     t_first = None
     bar = progress_bar(
@@ -281,15 +295,17 @@ class Comparison:
       if hasattr(bar, "set_postfix") and step % 5 == 0:
         bar.set_postfix(loss=f"{loss:.3f}")
       done = step + 1
-      if cfg.fixed_eval and cfg.eval_every and done % cfg.eval_every == 0 and done < steps:
+      if cfg.fixed_eval and every and done % every == 0 and done < steps:
         fixed_eval(done, params)
     finite = all(map(math.isfinite, losses))
-    if cfg.fixed_eval and finite:  # after the last step
-      fixed_eval(len(losses), params)
     t_train = time.perf_counter() - t_start - t_fixed
     top = fns.merge(params, frozen, other)
     t0 = time.perf_counter()
-    metrics = self.evaluate(top) if finite else {}
+    metrics = {}
+    if finite:  # test, validation and (after the last step) the fixed set
+      metrics, ev = self._evaluate(top, fixed=cfg.fixed_eval)
+      if ev is not None:
+        record(len(losses), ev)
     n_tail = max(1, len(losses) // 10)
     return {
       "method": method,
