@@ -39,8 +39,8 @@ def _update_panel(ax, rows):
   ax.set_xticks(range(len(cfgs)))
   ax.set_xticklabels(cfgs, rotation=20, ha="right", fontsize=7)
   ax.set_yscale("log")
-  ax.set_ylabel("update time, median ms (log)")
-  ax.set_title("1. optimizer update (jitted, state donated)")
+  ax.set_ylabel("train step, median ms (log)")
+  ax.set_title("1. train step (update + apply, params and state donated)")
   ax.legend(fontsize=6, ncol=2)
 
 
@@ -63,7 +63,9 @@ def _memory_panel(ax, rows):
   st = [r["state_bytes"] / 2**20 for r in rows]
   tmp = [(r.get("compiled_temp_size_in_bytes") or 0) / 2**20 for r in rows]
   ax.bar(x - 0.2, st, 0.4, label="optimizer state")
-  ax.bar(x + 0.2, tmp, 0.4, label=f"XLA temporaries of the update at L{rows[0]['compile_layers']}")
+  ax.bar(
+    x + 0.2, tmp, 0.4, label=f"XLA temporaries of the train step at L{rows[0]['compile_layers']}"
+  )
   ax.set_xticks(x)
   ax.set_xticklabels(names, rotation=20, ha="right", fontsize=7)
   ax.set_yscale("log")
