@@ -8,6 +8,7 @@ trains next-byte prediction on the docstrings of the Python standard library
 two CPU cores, most of it compiling)::
 
     python examples/qwix_gemma_style.py [--steps 100] [--lr 3e-3] [--rank 8] [--targets all]
+    python examples/qwix_gemma_style.py --methods "LoRA,LoRA-Pro full"
     python examples/qwix_gemma_style.py --smoke   # tiny model, one pair, 3 steps (a test)
 """
 
@@ -22,7 +23,7 @@ if __package__ in (None, ""):  # `python examples/qwix_gemma_style.py`
   sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from examples.qwix_gemma.model import Config
-from examples.qwix_gemma.train import TARGETS, RunConfig, run, table
+from examples.qwix_gemma.train import METHODS, TARGETS, RunConfig, run, table
 
 SMOKE = RunConfig(
   model=Config(layers=1, dim=32, heads=2, head_dim=8, hidden=32),
@@ -45,6 +46,9 @@ def main(argv=None) -> None:
   p.add_argument("--alpha", type=float, default=RunConfig.alpha)
   p.add_argument("--seed", type=int, default=RunConfig.seed)
   p.add_argument("--targets", choices=sorted(TARGETS), default="attention", help="adapted einsums")
+  p.add_argument(
+    "--methods", default=",".join(METHODS), help=f"comma list from {', '.join(METHODS)}"
+  )
   p.add_argument("--smoke", action="store_true", help="tiny model and 3 steps (a test)")
   args = p.parse_args(argv)
   config = RunConfig() if not args.smoke else SMOKE
@@ -52,7 +56,11 @@ def main(argv=None) -> None:
     fields = ("steps", "lr", "rank", "alpha", "seed")
     config = dataclasses.replace(config, **{k: getattr(args, k) for k in fields})
     config = dataclasses.replace(config, targets=TARGETS[args.targets])
-  curves = run(config)
+  methods = [m.strip() for m in args.methods.split(",")]
+  unknown = sorted(set(methods) - set(METHODS))
+  if unknown:
+    p.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
+  curves = run(config, methods)
   print("\nValidation loss (nats per byte; ln 256 = 5.545 is uniform):\n")
   print(table(curves))
 
