@@ -24,20 +24,24 @@ _vmap_normalise = jax.vmap(eq.normalise)
 
 
 class ScaleByLoraProState(NamedTuple):
-  """State of `lorapro_jax.lorapro` in full mode.
+  """State of `lorapro_jax.lorapro` in the modes with moments (full, factored).
 
   Attributes:
-    count: number of updates so far (int32), for the bias correction of the
-      pair moments.
     pair_moments: per pair, keyed by `pairs.PairIndex.keys` (the pair's parent
-      path, e.g. ``"layers/0/attn/query"``): its `FullMoments`.
+      path, e.g. ``"layers/0/attn/query"``): its `FullMoments`,
+      `FactoredMoments` or `FactoredSecondMoment`.
     adam_state: ``optax.masked(optax.scale_by_adam(...))`` state of the leaves
-      outside pairs; its moments hold ``optax.MaskedNode`` at pair leaves.
+      outside pairs (its moments hold ``optax.MaskedNode`` at pair leaves); its
+      step count is also the pair moments' (`count`).
   """
 
-  count: Array
   pair_moments: dict[str, Any]
   adam_state: optax.OptState
+
+  @property
+  def count(self) -> Array:
+    """Number of updates so far (int32), for every bias correction."""
+    return self.adam_state.inner_state.count
 
 
 class FullMoments(NamedTuple):

@@ -222,7 +222,7 @@ def _with_moments(
   def init_fn(params):
     if _is_structure_probe(params):
       return moments_lib.ScaleByLoraProState(
-        jnp.zeros([], jnp.int32), _NOT_PARAMS_SHAPED, optax.masked(adam, True).init(params)
+        _NOT_PARAMS_SHAPED, optax.masked(adam, True).init(params)
       )
     index = pairs_lib.PairIndex.build(params, pairs)
     leaves = jax.tree.leaves(params)
@@ -231,9 +231,7 @@ def _with_moments(
       a, b = leaves[f.a_index], leaves[f.b_index]
       dtype = jnp.dtype(moment_dtype or batched.compute_dtype(a, b))
       pair_moments[key] = _init_moments(mode, f, a, b, dtype, first_moment)
-    return moments_lib.ScaleByLoraProState(
-      jnp.zeros([], jnp.int32), pair_moments, others(index, params).init(params)
-    )
+    return moments_lib.ScaleByLoraProState(pair_moments, others(index, params).init(params))
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
@@ -244,8 +242,8 @@ def _with_moments(
         f"parameters have pairs {sorted(index.keys)}. Re-initialise the optimizer after "
         "changing the model."
       )
-    count = optax.safe_int32_increment(state.count)
     adam_updates, adam_state = others(index, updates).update(updates, state.adam_state, params)
+    count = adam_state.inner_state.count  # this step's, for the bias corrections
     leaf_pairs = index.leaf_pairs(p_leaves, u_leaves, scale)
 
     def flat(k, m):  # a pair's moments in compute shapes, and back
@@ -285,7 +283,7 @@ def _with_moments(
     adjusted = batched.adjust([p for p, _ in steps], x_choice, damping)  # lines 16-18
     pair_moments = {key: stored(k, m) for k, (key, (_, m)) in enumerate(zip(index.keys, steps))}
     out = index.scatter(jax.tree.leaves(adam_updates), adjusted)
-    new_state = moments_lib.ScaleByLoraProState(count, pair_moments, adam_state)
+    new_state = moments_lib.ScaleByLoraProState(pair_moments, adam_state)
     return jax.tree.unflatten(jax.tree.structure(updates), out), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
