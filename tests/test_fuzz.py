@@ -228,8 +228,43 @@ def _check_descent(checked, case, gA, gB, out, A, B, x_choice):
     event(f"descent not checked: {'saturated' if saturated else 'ill-conditioned'}")
 
 
+def _scaled_reference(gA, gB, A, B, s, x_choice):
+  """`reference.lorapro_gradients` on inputs rescaled by powers of two, or None where
+  the float64 reference itself cannot be trusted.
+
+  A and B are both scaled by 2^-k (k from the geometric mean of their largest entries),
+  the gradients by 2^-k_g (their largest entry), and the result scaled back: Theorem 2.1
+  is homogeneous (with A, B scaled alike every term of g^A and g^B scales as γ/c²), so
+  this is exact unless a product of the reference leaves float64's normal range.
+  Unscaled, (BᵀB)⁻¹Bᵀg(AAᵀ)⁻¹ for A ~ 1e108 and B ~ 1e107 is subnormal and the
+  reference lost 0.2%; with factor scales 1e214 apart no one scaling keeps every
+  product in range. So it is evaluated at three scalings (k, k_g shifted by ±24, ∓20
+  bits), which must agree to 1e-9: an intermediate that underflowed or overflowed
+  moves with the shift and shows up as a disagreement."""
+  with np.errstate(divide="ignore"):
+    k = np.round(np.log2(np.sqrt(np.max(np.abs(A)) * np.max(np.abs(B)))))
+    k_g = np.round(np.log2(max(np.max(np.abs(gA)), np.max(np.abs(gB)))))
+  k, k_g = (int(x) if np.isfinite(x) else 0 for x in (k, k_g))
+  results = []
+  for dk, dg in ((0, 0), (24, -20), (-24, 20)):
+    kk, kg = k + dk, k_g + dg
+    with np.errstate(all="ignore"):  # results beyond float64's range: skipped by the caller
+      want = ref.lorapro_gradients(
+        np.ldexp(gA, -kg), np.ldexp(gB, -kg), np.ldexp(A, -kk), np.ldexp(B, -kk), s, x_choice
+      )
+      results.append([np.ldexp(w, kg - 2 * kk) for w in want])
+  want = results[0]
+  size = max(np.max(np.abs(w)) for w in want)
+  with np.errstate(all="ignore"):
+    spread = max(np.max(np.abs(x - w)) for other in results[1:] for x, w in zip(other, want))
+  if not spread <= 1e-9 * size:  # also for NaN
+    return None
+  return want
+
+
 def _check_accuracy(checked, case, gA, gB, out, A, B, x_choice, raw):
-  """float32/float64 results against the float64 reference (undamped), where that is
+  """float32/float64 results against the float64 reference (undamped, evaluated by
+  `_scaled_reference`), where that is
   a fair comparison: both Gram matrices well conditioned (damping and rounding change
   little) and every slice's result within the dtype's range. Inputs below the dtype's
   smallest normal number are read as zero by XLA (flush to zero), so the reference
@@ -248,8 +283,10 @@ def _check_accuracy(checked, case, gA, gB, out, A, B, x_choice, raw):
     if max(_cond(b.T @ b), _cond(a @ a.T)) > 100:
       event("accuracy not checked: ill-conditioned")
       continue
-    with np.errstate(all="ignore"):  # products beyond float64's range: skipped below
-      want = ref.lorapro_gradients(ga, gb, a, b, case["s"], x_choice)
+    want = _scaled_reference(ga, gb, a, b, case["s"], x_choice)
+    if want is None:
+      event("accuracy not checked: the float64 reference's products leave its range")
+      continue
     size = max(np.max(np.abs(w)) for w in want)
     if not 1e3 * tiny < size < 1e-3 * float(info.max):
       event("accuracy not checked: result near the dtype's limits")
@@ -267,6 +304,11 @@ def _check_accuracy(checked, case, gA, gB, out, A, B, x_choice, raw):
     err = max(np.max(np.abs(g[i] - w)) for g, w in zip(got, want)) / size
     # float64: the damping alone changes the result by up to ~δ·cond = 1e-4.
     assert err < (1e-2 if dt == np.float32 else 1e-3), (x_choice, path, i, err)
+
+
+def _spec(case):
+  """The flax layout with the case's batch axes (shapes alone can be ambiguous)."""
+  return lpj.LoRASpec(batch_axes=len(case["batch"]))
 
 
 def _x64(case):
@@ -325,7 +367,7 @@ def test_finite_inputs_give_finite_outputs_and_descent(checked, case):
   with _x64(case):
     params, grads = jax.tree.map(jnp.asarray, (params, grads))
     for x_choice in X_CHOICES:
-      tx = lpj.lorapro(case["s"], x_choice=x_choice)
+      tx = lpj.lorapro(case["s"], x_choice=x_choice, pairs=_spec(case))
       out, _ = tx.update(grads, tx.init(params), params)
       _assert_finite(out, ("efficient", x_choice))
       assert all(np.asarray(x).dtype == dt for x in jax.tree.leaves(out))
@@ -334,7 +376,7 @@ def test_finite_inputs_give_finite_outputs_and_descent(checked, case):
         _check_descent(checked, case, gA, gB, out, A, B, x_choice)
 
       # Full mode: two steps (moments from zero, then non-zero).
-      tx = lpj.lorapro(case["s"], mode="full", x_choice=x_choice)
+      tx = lpj.lorapro(case["s"], mode="full", x_choice=x_choice, pairs=_spec(case))
       state = tx.init(params)
       for step_grads in (grads, jax.tree.map(lambda x: -x, grads)):
         out, state = tx.update(step_grads, state, params)
@@ -371,6 +413,29 @@ def accuracy_cases(draw):
 @example(  # float64, A ~ 1e-150: AAᵀ is below r·tiny/eps, the normalised path
   case={**UNDERFLOW_CASE, "dtype": "float64", "scale_a": 1e-150, "scale_b": 1.0, "op_by_op": False}
 )
+@example(  # float64, factor scales 1e214 apart: the symmetric reference is out of range
+  case={
+    **UNDERFLOW_CASE,
+    "dtype": "float64",
+    "scale_a": 1e-64,
+    "scale_b": 1e150,
+    "scale_g": 1.0,
+    "s": 0.25,
+    "op_by_op": False,
+  }
+)
+@example(  # float64, A ~ 1e108, B ~ 1e107: the unscaled reference underflowed (see above)
+  case={
+    **UNDERFLOW_CASE,
+    "dtype": "float64",
+    "scale_a": 1e108,
+    "scale_b": 1e107,
+    "scale_g": 1.0,
+    "consistent": False,
+    "s": 0.25,
+    "op_by_op": False,
+  }
+)
 def test_accuracy_against_float64_reference(checked, case):
   _count(checked, "test_accuracy_against_float64_reference")
   data = _inputs(case)
@@ -380,7 +445,7 @@ def test_accuracy_against_float64_reference(checked, case):
   with _x64(case), jit:
     params, grads = jax.tree.map(jnp.asarray, (params, grads))
     for x_choice in X_CHOICES:
-      tx = lpj.lorapro(case["s"], x_choice=x_choice)
+      tx = lpj.lorapro(case["s"], x_choice=x_choice, pairs=_spec(case))
       with batched.record_paths() if RECORD_PATHS else contextlib.nullcontext([None]) as paths:
         out, _ = tx.update(grads, (), params)
       (raw,) = paths
