@@ -8,6 +8,7 @@ optimizer, the gradient probe, the evaluation), one to two minutes on two CPU co
 Skipped when the all-MiniLM-L6-v2 weights package is not installed.
 """
 
+import json
 import math
 
 import jax
@@ -70,6 +71,40 @@ def test_parse_args_hard_preset():
   assert cfg.run_steps("lora_long") == cfg.long_factor * cfg.steps == 4 * cfg.run_steps("lora")
   cfg, _ = compare.parse_args(["--hard", "--steps", "30", "--seeds", "0"])  # explicit flags win
   assert cfg.steps == 30 and cfg.seeds == (0,) and cfg.rank == experiment.HARD["rank"]
+
+
+def test_merge_results_keeps_the_given_lrs(tmp_path):
+  def results(methods, runs):
+    cfg = experiment.Config(methods=methods, lrs={m: (1.0,) for m in methods}, seeds=(0,))
+    return {"config": report.config_dict(cfg), "device": "dev", "runs": runs}
+
+  def run(method, lr):
+    m = {"recall@1": lr, "recall@5": lr, "mrr": lr}
+    return {
+      "method": method,
+      "lr": lr,
+      "seed": 0,
+      "final_train_loss": 0.1,
+      "trainable_params": 1,
+      "metrics": {"validation": m, "test": m},
+    }
+
+  a, b = tmp_path / "a.json", tmp_path / "b.json"
+  a.write_text(json.dumps(results(("lora",), [run("lora", 1e-3)])))
+  b.write_text(
+    json.dumps(
+      results(
+        ("lora", "lorapro_full"),
+        [run("lora", 3e-3), run("lorapro_full", 1e-3), run("lorapro_full", 3e-4)],
+      )
+    )
+  )
+  cfg, merged = report.merged_results([a, b])
+  assert cfg.lrs == {"lora": (1e-3, 3e-3), "lorapro_full": (3e-4, 1e-3)}
+  assert merged["caption"].startswith("dev.") and merged["caption"].endswith("(merged runs)")
+  cfg, merged = report.merged_results([a, b], {"lorapro_full": [3e-4]})
+  assert cfg.lrs == {"lora": (1e-3, 3e-3), "lorapro_full": (3e-4,)}
+  assert len(merged["runs"]) == 3
 
 
 def test_gap_closure_is_paired_by_seed():

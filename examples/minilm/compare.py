@@ -57,7 +57,8 @@ _HELP = {
   "long-factor": "lora_long trains this many times --steps",
   "eval-validation": "also evaluate on validation with a single lr",
   "from-results": "train nothing: merge the runs of earlier results.json files (e.g. a sweep and "
-  "its extension), choose lrs, print the table and redraw the figures into --out",
+  "its extension), choose lrs, print the table and redraw the figures into --out; with "
+  "--lrs METHOD=LR,..., only those runs of METHOD",
 }
 # Flags that set the Config field of the same name (default: the field's).
 _CONFIG_FLAGS = dict(steps=int, batch=int, max_len=int, query_len=int, train_layers=int, rank=int)
@@ -131,7 +132,9 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
 
 
 def main_from_results(a) -> int:
-  cfg, results = report.merged_results(a.from_results)
+  # --lrs METHOD=LR[,LR...] keeps only those runs of METHOD (e.g. one lr of a sweep).
+  keep = dict(_parse_lrs([x for x in a.lrs or () if "=" in x], (), {}))
+  cfg, results = report.merged_results(a.from_results, keep)
   print(f"merged {len(results['runs'])} runs from {', '.join(a.from_results)}")
   print(report.format_table(results["rows"]))
   _print_closure(results)

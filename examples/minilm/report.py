@@ -34,9 +34,9 @@ def device_label() -> str:
   return f"{kind} ({d.platform}), {os.cpu_count()} CPU cores, jax {jax.__version__}"
 
 
-def config_caption(cfg: Config, n_train: int | None = None) -> str:
+def config_caption(cfg: Config, n_train: int | None = None, device: str | None = None) -> str:
   return (
-    f"{device_label()}. Top {cfg.train_layers}/6 layers trained, r={cfg.rank}, alpha={cfg.alpha:g}, "
+    f"{device or device_label()}. Top {cfg.train_layers}/6 layers trained, r={cfg.rank}, alpha={cfg.alpha:g}, "
     f"{cfg.steps} steps, batch {cfg.batch}, query/doc tokens {cfg.query_len}/{cfg.max_len}, "
     f"AdamW wd={cfg.weight_decay:g}, warmup {cfg.warmup_ratio:g} + cosine, "
     f"seeds {','.join(map(str, cfg.seeds))}"
@@ -303,11 +303,15 @@ def config_from_json(d: Mapping[str, Any]) -> Config:
   return Config(**kw)
 
 
-def merge_results(paths: Sequence[str | Path]) -> tuple[Config, dict, list[dict]]:
+def merge_results(
+  paths: Sequence[str | Path], keep_lrs: Mapping[str, Sequence[float]] | None = None
+) -> tuple[Config, dict, list[dict]]:
   """Runs of several results.json (one zero-shot run kept) and a Config covering them all;
-  the lr choice uses the first file's selection seeds."""
+  the lr choice uses the first file's selection seeds. ``keep_lrs``: for the methods it
+  names, only the runs at those learning rates."""
   loaded = [json.loads(Path(p).read_text()) for p in paths]
   cfgs = [config_from_json(r["config"]) for r in loaded]
+  keep = {m: {float(x) for x in v} for m, v in (keep_lrs or {}).items()}
   runs, seen_zero = [], False
   for r in loaded:
     for run in r["runs"]:
@@ -315,6 +319,8 @@ def merge_results(paths: Sequence[str | Path]) -> tuple[Config, dict, list[dict]
         if seen_zero:
           continue
         seen_zero = True
+      if run["method"] in keep and run["lr"] not in keep[run["method"]]:
+        continue
       runs.append(run)
   methods = tuple(m for m in METHODS if any(m in c.methods for c in cfgs))
   lrs = {
@@ -327,11 +333,12 @@ def merge_results(paths: Sequence[str | Path]) -> tuple[Config, dict, list[dict]
   return cfg, loaded[0], runs
 
 
-def merged_results(paths: Sequence[str | Path]) -> tuple[Config, dict[str, Any]]:
+def merged_results(
+  paths: Sequence[str | Path], keep_lrs: Mapping[str, Sequence[float]] | None = None
+) -> tuple[Config, dict[str, Any]]:
   """:func:`merge_results` with its rows and caption, as a results.json."""
-  cfg, first, runs = merge_results(paths)
-  caption = first.get("caption", config_caption(cfg)).split(", seeds ")[0]
-  caption += f", seeds {','.join(map(str, cfg.seeds))} (merged runs)"
+  cfg, first, runs = merge_results(paths, keep_lrs)
+  caption = config_caption(cfg, device=first.get("device")) + " (merged runs)"
   results = {"config": config_dict(cfg), "device": first.get("device"), "caption": caption}
   results |= {"merged_from": [str(p) for p in paths], "runs": runs, "rows": summarize(runs, cfg)}
   return cfg, results
