@@ -11,9 +11,17 @@ Sections (``--sections``, default all):
            leaves (floor), chain(lorapro(x), adamw) for each x_choice, full mode
            (lorapro_adamw(mode='full')) and dense AdamW on the same m×n weights,
            with ratios from the same interleaved measurement.
-  scaling  batched engine vs a per-layer loop against #adapters and rank.
+  factored the factored mode (lorapro_adamw(mode='factored'), and b1=0) next to
+           efficient mode and AdamW on Llama-2-7B shapes at --factored-ranks and
+           --factored-layers, --factored-repeats interleaved measurements after one
+           compilation (the spread of the ratios); with full mode at
+           --factored-full-layers.
+  scaling  batched engine vs a per-layer loop against #adapters and rank (and the
+           factored mode's update, stacked and separate).
   memory   optimizer-state bytes and XLA peak temporaries of the whole
            Llama-2-7B (compile only, nothing allocated).
+  compile  (not in the default) compile time of the train step of every mode against
+           the number of separate pairs (benchmarks/compile_time.py).
   e2e      MiniLM train step (examples/minilm, random init; --smoke: a tiny model).
            Fails on any error; skipped only when a third-party package is missing.
 
@@ -58,6 +66,19 @@ def efficient_tx(x):
 
 def full_tx(moment_dtype=jnp.float32):
   return lpj.lorapro_adamw(LR, scale=SCALE, mode="full", weight_decay=WD, moment_dtype=moment_dtype)
+
+
+def factored_tx(b1=None):
+  """lorapro_adamw(mode='factored') (b1=0.0: the second moment only)."""
+  kw = {} if b1 is None else {"b1": b1}
+  return lpj.lorapro_adamw(LR, scale=SCALE, mode="factored", weight_decay=WD, **kw)
+
+
+FACTORED_VARIANTS = ("lorapro-factored", "lorapro-factored-b1=0")
+
+
+def factored_variants():
+  return {"lorapro-factored": factored_tx(), "lorapro-factored-b1=0": factored_tx(0.0)}
 
 
 def lora_variants(full: bool, x_choices=X_CHOICES, bf16: bool = True):
@@ -156,7 +177,108 @@ def bench_update_config(
 
 
 # ---------------------------------------------------------------------------
+# section 1b: the factored mode next to efficient mode (and full mode)
+
+
+def _spread(xs):
+  xs = [float(x) for x in xs]
+  return {"runs": xs, "value": float(np.median(xs)), "min": min(xs), "max": max(xs)}
+
+
+def bench_factored_config(model_name, layers, r, *, full, repeats, target_s, rounds, log):
+  """adamw, efficient (sylvester), factored, factored b1=0 (and full mode): donated train
+  steps, compiled once, then ``repeats`` independent interleaved measurements; ratios per
+  measurement (their median, min and max)."""
+  model = models.MODELS[model_name]
+  cfg = f"{model_name} L{layers}/{model.total_layers} r{r}" + (" full" if full else "")
+  log(f"[factored] {cfg}: building parameters")
+  p, g = models.lora_tree(model, layers, r, seed=1)
+  variants = {"adamw": adamw_tx(), "lorapro-sylvester+adamw": efficient_tx("sylvester")}
+  variants.update(factored_variants())
+  if full:
+    variants["lorapro-full"] = full_tx(jnp.float32)
+  runners, meta = [], {}
+  for name, tx in variants.items():
+    runners.append(train_step.runner(name, tx, p, g))
+    state = runners[-1].args[1]
+    meta[name] = {
+      "state_bytes": timing.tree_bytes(state),
+      "state_scalar_bytes": timing.tree_bytes([x for x in jax.tree.leaves(state) if not x.shape]),
+      "param_bytes": timing.tree_bytes(p),
+    }
+    runners[-1].compile()
+    log(f"[factored] {cfg}: compiled {name} in {runners[-1].compile_s:.1f}s")
+    _COMPILED_MEMORY[(model_name, layers, r, name)] = (
+      meta[name]["state_bytes"],
+      meta[name]["param_bytes"],
+      timing.memory_stats(runners[-1].compiled),
+      runners[-1].compile_s,
+    )
+  measurements = []
+  for rep in range(repeats):
+    for rn in runners:
+      rn.times = []
+    res = timing.measure(runners, rounds=rounds, target_s=target_s)
+    measurements.append({"res": res, "times": {rn.name: list(rn.times) for rn in runners}})
+    log(
+      f"[factored] {cfg}: measurement {rep + 1}/{repeats}: "
+      + ", ".join(f"{k} {v['median_ms']:.2f} ms" for k, v in res.items())
+    )
+  rows = []
+  for rn in runners:
+    pooled = timing.summarise([t for m in measurements for t in m["times"][rn.name]])
+    rows.append(
+      {
+        "section": "factored",
+        "config": cfg,
+        "model": model_name,
+        "layers": layers,
+        "total_layers": model.total_layers,
+        "rank": r,
+        "variant": rn.name,
+        "timed": "train step (update + apply_updates, params and state donated)",
+        "adapters": layers * len(model.linears),
+        "sum_m_plus_n": layers * sum(i + o for _, i, o in model.linears),
+        **pooled,  # over every call of every measurement
+        "measurement_median_ms": [m["res"][rn.name]["median_ms"] for m in measurements],
+        "compile_s": rn.compile_s,
+        **meta[rn.name],
+        **timing.memory_stats(rn.compiled),
+      }
+    )
+  ratios = []
+  med = lambda m, v: m["res"][v]["median_ms"]
+  pairs_of = [(v, "lorapro-sylvester+adamw", "efficient") for v in FACTORED_VARIANTS]
+  pairs_of += [(v, "adamw", "adamw") for v in FACTORED_VARIANTS + ("lorapro-sylvester+adamw",)]
+  if full:
+    pairs_of += [(v, "lorapro-full", "full") for v in FACTORED_VARIANTS]
+    pairs_of += [("lorapro-full", "lorapro-sylvester+adamw", "efficient")]
+  short = lambda v: v.replace("lorapro-", "").replace("+adamw", "")
+  for v, base, label in pairs_of:
+    ratios.append(
+      {
+        "config": cfg,
+        "ratio": f"{short(v)}/{label}",
+        **_spread([med(m, v) / med(m, base) for m in measurements]),
+      }
+    )
+  del runners, p, g
+  gc.collect()
+  return rows, ratios
+
+
+# ---------------------------------------------------------------------------
 # section 2: scaling, batched vs per-layer loop
+
+
+SCALING_VARIANTS = (
+  "batched",
+  "factored",
+  "batched-stacked",
+  "factored-stacked",
+  "loop-factored",
+  "loop-projector",
+)
 
 
 def _spec(batch_axes):
@@ -181,6 +303,7 @@ def _scaling_point(
   log,
   max_loop_adapters,
   max_separate_adapters,
+  variants=SCALING_VARIANTS,
 ):
   """One point: the same adapters as separate leaves (batched, loops) and stacked."""
   model = models.square(f"{dim}x{dim}", dim)
@@ -191,14 +314,27 @@ def _scaling_point(
     tx = lpj.lorapro(SCALE, pairs=_spec(batch_axes))
     return lambda grads, params: tx.update(grads, optax.EmptyState(), params)[0]
 
+  def factored(name, batch_axes, grads, params):
+    """lorapro(mode='factored')'s update (its moments included), the state donated."""
+    tx = lpj.lorapro(SCALE, mode="factored", pairs=_spec(batch_axes))
+    fn = lambda grads, state, params: tx.update(grads, state, params)
+    return timing.Runner(name, fn, [grads, tx.init(params), params], state_index=1)
+
   runners = []
   if n_adapters <= max_separate_adapters:
-    runners.append(timing.Runner("batched", adjust(0), [g, p]).compile())
-  runners.append(timing.Runner("batched-stacked", adjust(1), [gs, ps]).compile())
+    if "batched" in variants:
+      runners.append(timing.Runner("batched", adjust(0), [g, p]).compile())
+    if "factored" in variants:
+      runners.append(factored("factored", 0, g, p).compile())
+  if "batched-stacked" in variants:
+    runners.append(timing.Runner("batched-stacked", adjust(1), [gs, ps]).compile())
+  if "factored-stacked" in variants:
+    runners.append(factored("factored-stacked", 1, gs, ps).compile())
   if n_adapters <= max_loop_adapters:
     for variant in loops:
-      lp = loop_baseline.LoopLoraPro(p, g, SCALE, variant=variant)
-      runners.append(timing.PyRunner(f"loop-{variant}", lp.step).compile())
+      if f"loop-{variant}" in variants:
+        lp = loop_baseline.LoopLoraPro(p, g, SCALE, variant=variant)
+        runners.append(timing.PyRunner(f"loop-{variant}", lp.step).compile())
   res = timing.measure(runners, rounds=rounds, target_s=target_s, max_reps=30)
   rows = []
   for rn in runners:
@@ -242,6 +378,7 @@ def bench_scaling(args, log):
       log=log,
       max_loop_adapters=args.max_loop_adapters,
       max_separate_adapters=args.max_separate_adapters,
+      variants=args.scaling_variants,
     )
   for r in args.scaling_ranks:
     if r > args.rank_dim:
@@ -267,6 +404,7 @@ def bench_scaling(args, log):
       log=log,
       max_loop_adapters=args.max_loop_adapters,
       max_separate_adapters=args.max_separate_adapters,
+      variants=args.scaling_variants,
     )
   return rows
 
@@ -275,7 +413,7 @@ def bench_scaling(args, log):
 # section 3: memory of the whole model, compile only
 
 
-def bench_memory(model_name, layers, compile_layers, r, log):
+def bench_memory(model_name, layers, compile_layers, r, log, only=None):
   """Optimizer memory of the whole model without allocating it.
 
   State bytes are exact for ``layers`` layers (``jax.eval_shape`` of ``init``).
@@ -294,13 +432,19 @@ def bench_memory(model_name, layers, compile_layers, r, log):
   variants = {
     "adamw": (adamw_tx(), "lora"),
     "lorapro-sylvester+adamw": (efficient_tx("sylvester"), "lora"),
+    "lorapro-factored": (factored_tx(), "lora"),
+    "lorapro-factored-b1=0": (factored_tx(0.0), "lora"),
     "lorapro-full": (full_tx(jnp.float32), "lora"),
     "lorapro-full-bf16": (full_tx(jnp.bfloat16), "lora"),
     "dense-adamw": (adamw_tx(), "dense"),
   }
+  if only is not None:
+    variants = {k: v for k, v in variants.items() if k in only or k == "adamw"}
   for name, (tx, which) in variants.items():
     pp, (cpp, cgg) = (p, (cp, cg)) if which == "lora" else (dp, (cdp, cdg))
-    state_bytes = timing.tree_bytes(jax.eval_shape(tx.init, pp))
+    state = jax.eval_shape(tx.init, pp)
+    state_bytes = timing.tree_bytes(state)
+    scalar_bytes = timing.tree_bytes([x for x in jax.tree.leaves(state) if not x.shape])
     cached = _COMPILED_MEMORY.get((model_name, compile_layers, r, name))
     if cached:
       stats, dt = cached[2], cached[3]
@@ -320,7 +464,9 @@ def bench_memory(model_name, layers, compile_layers, r, log):
         "rank": r,
         "variant": name,
         "state_bytes": state_bytes,
+        "state_scalar_bytes": scalar_bytes,
         "param_bytes": timing.tree_bytes(pp),
+        "sum_m_plus_n": layers * sum(i + o for _, i, o in model.linears),
         "compile_layers": compile_layers,
         "compile_s": dt,
         "temp_per_layer_bytes": None if temp is None else temp / compile_layers,
@@ -365,6 +511,36 @@ def evaluate_targets(result):
           "config": x["config"],
           "value": x["value"],
           "holds": x["value"] <= 1.5,
+        }
+      )
+  for x in result.get("factored_ratios", []):
+    if x["ratio"] == "factored/efficient" and x["config"].startswith("llama2-7b"):
+      rank = x["config"].split()[2]
+      out.append(
+        {
+          "target": f"factored <= 3x efficient, Llama-2-7B shapes {rank}, donated train step",
+          "config": x["config"],
+          "value": x["value"],
+          "holds": x["value"] <= 3.0,
+          "runs": x["runs"],
+          "resolved": x["max"] <= 3.0 or x["min"] > 3.0,
+          "unresolved_note": "the measurements fall on both sides of 3x",
+        }
+      )
+  mem = {r["variant"]: r for r in result.get("memory", [])}
+  for v in FACTORED_VARIANTS:
+    if v in mem and "adamw" in mem and mem[v].get("sum_m_plus_n"):
+      bound = mem["adamw"]["state_bytes"] + 4 * mem[v]["sum_m_plus_n"]
+      extra = mem[v]["state_bytes"] - bound
+      arrays = extra - (mem[v]["state_scalar_bytes"] - mem["adamw"]["state_scalar_bytes"])
+      out.append(
+        {
+          "target": f"{v} state <= AdamW-on-LoRA + (m + n) float32 per pair",
+          "config": mem[v]["config"],
+          "value": mem[v]["state_bytes"] / bound,
+          "holds": extra <= 0,
+          "excess_bytes": extra,
+          "excess_array_bytes": arrays,
         }
       )
   sc = [r for r in result.get("scaling", []) if r["section"] == "scaling_adapters"]
@@ -446,6 +622,39 @@ def format_tables(result) -> str:
           f"{_mib(r['state_bytes']):>10} {_mib(r['temp_size_in_bytes']):>9}"
         )
     lines.append("")
+  fac = result.get("factored", [])
+  if fac:
+    lines.append(
+      "== 1b. factored mode: train step (update + apply_updates, params and state donated, "
+      f"same weight decay {WD:g}); median of every call of "
+      f"{len(fac[0]['measurement_median_ms'])} interleaved measurement(s) after one "
+      "compilation (config '... full': with full mode) =="
+    )
+    lines.append(
+      f"{'config':<24} {'variant':<26} {'median ms':>10} {'p25-p75 ms':>16} "
+      f"{'x adamw':>8} {'x effic.':>8} {'state MiB':>10} {'temp MiB':>9} {'compile s':>9}  "
+      "medians of the measurements (ms)"
+    )
+    for cfg in dict.fromkeys(r["config"] for r in fac):
+      rs = [r for r in fac if r["config"] == cfg]
+      by = {r["variant"]: r["median_ms"] for r in rs}
+      for r in rs:
+        lines.append(
+          f"{cfg:<24} {r['variant']:<26} {r['median_ms']:>10.2f} "
+          f"{r['p25_ms']:>7.2f}-{r['p75_ms']:<8.2f} {r['median_ms'] / by['adamw']:>8.2f} "
+          f"{r['median_ms'] / by['lorapro-sylvester+adamw']:>8.2f} "
+          f"{_mib(r['state_bytes']):>10} {_mib(r['temp_size_in_bytes']):>9} "
+          f"{r['compile_s']:>9.1f}  {', '.join(f'{x:.2f}' for x in r['measurement_median_ms'])}"
+        )
+    fr = result.get("factored_ratios", [])
+    if fr:
+      lines.append("ratios of the medians, per measurement (median [min-max]):")
+      for x in fr:
+        lines.append(
+          f"  {x['config']:<24} {x['ratio']:<26} {x['value']:>7.2f} [{x['min']:.2f}-"
+          f"{x['max']:.2f}]  ({', '.join(f'{y:.2f}' for y in x['runs'])})"
+        )
+    lines.append("")
   sc = result.get("scaling", [])
   for kind, key in (("adapters", "adapters"), ("rank", "rank")):
     rs = [r for r in sc if r["section"] == f"scaling_{kind}"]
@@ -458,11 +667,16 @@ def format_tables(result) -> str:
       if kind == "adapters"
       else f"{r0['adapters']} adapters of {r0['dim']}x{r0['dim']}"
     )
-    lines.append(f"== 2. scaling vs {kind} ({what}); LoRA-Pro adjustment only, median ms ==")
+    lines.append(
+      f"== 2. scaling vs {kind} ({what}); LoRA-Pro adjustment only (factored*: "
+      "lorapro(mode='factored')'s update, its moments included), median ms =="
+    )
+    compiled = [v for v in variants if not v.startswith("loop-")]
+    chead = f"compile s ({', '.join(compiled)})"
     lines.append(
       f"{key:>9} "
       + " ".join(f"{v:>17}" for v in variants)
-      + f" {'loop/batched':>13} {'loop/stacked':>13} {'compile s (batched, stacked)':>29}"
+      + f" {'loop/batched':>13} {'loop/stacked':>13} {chead:>29}"
     )
     for val in dict.fromkeys(r[key] for r in rs):
       by = {r["variant"]: r["median_ms"] for r in rs if r[key] == val}
@@ -471,7 +685,7 @@ def format_tables(result) -> str:
         f"{by['loop-factored'] / by[b]:.1f}x" if "loop-factored" in by and b in by else "-"
         for b in ("batched", "batched-stacked")
       ]
-      comp = ", ".join(f"{cs[b]:.1f}" if b in cs else "-" for b in ("batched", "batched-stacked"))
+      comp = ", ".join(f"{cs[b]:.1f}" if b in cs else "-" for b in compiled)
       lines.append(
         f"{val:>9} "
         + " ".join(f"{by[v]:>17.2f}" if v in by else f"{'-':>17}" for v in variants)
@@ -496,6 +710,21 @@ def format_tables(result) -> str:
         f"{r['state_bytes'] / base:>8.1f} {_mib(r['compiled_temp_size_in_bytes']):>13} "
         f"{_mib(r['temp_per_layer_bytes']):>15}"
       )
+    mn = mem[0].get("sum_m_plus_n")
+    for r in mem:
+      if r["variant"] in FACTORED_VARIANTS and mn:
+        lines.append(
+          f"{r['variant']}: state - adamw's = {r['state_bytes'] - base:,} bytes; (m + n) "
+          f"float32 per pair = {4 * mn:,} bytes; step counters (int32 scalars) "
+          f"{r['state_scalar_bytes']:,} bytes (adamw: "
+          f"{next(x.get('state_scalar_bytes', 0) for x in mem if x['variant'] == 'adamw'):,})"
+        )
+    lines.append("")
+  comp = result.get("compile", [])
+  if comp:
+    from benchmarks import compile_time
+
+    lines.append(compile_time.format_table(comp))
     lines.append("")
   e2e = result.get("e2e")
   if e2e is not None:
@@ -531,10 +760,19 @@ def format_tables(result) -> str:
       if t.get("resolved") is False:
         verdict = "UNRESOLVED"
       lines.append(f"{verdict:<7} {t['target']} [{t['config']}]: {t['value']:.2f}")
+      if "excess_bytes" in t:
+        lines.append(
+          f"        {t['excess_bytes']:+,} bytes over the bound, of which arrays "
+          f"{t['excess_array_bytes']:+,} (the rest: int32 step counters)"
+        )
       if "runs" in t:
         lines.append(
           f"        measurements: {', '.join(f'{x:.3f}' for x in t['runs'])}"
-          + ("" if t.get("resolved") else " (spread above the 5% margin: not resolved)")
+          + (
+            ""
+            if t.get("resolved")
+            else f" ({t.get('unresolved_note', 'spread above the 5% margin')}: not resolved)"
+          )
         )
   return "\n".join(lines)
 
@@ -550,7 +788,11 @@ def parse_args(argv=None):
   ap = argparse.ArgumentParser(
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
-  ap.add_argument("--sections", default="update,scaling,memory,e2e")
+  ap.add_argument(
+    "--sections",
+    default="update,factored,scaling,memory,e2e",
+    help="any of update,factored,scaling,memory,compile,e2e (compile is not in the default)",
+  )
   ap.add_argument(
     "--layers",
     type=_ints,
@@ -595,6 +837,33 @@ def parse_args(argv=None):
   ap.add_argument("--scaling-ranks", type=_ints, default=[4, 16, 64, 256])
   ap.add_argument("--rank-dim", type=int, default=1024)
   ap.add_argument("--rank-adapters", type=int, default=32)
+  ap.add_argument(
+    "--scaling-variants",
+    default=",".join(SCALING_VARIANTS),
+    help="arms of the scaling section (factored*: lorapro(mode='factored')'s update)",
+  )
+  ap.add_argument("--factored-model", default="llama2-7b")
+  ap.add_argument("--factored-layers", type=_ints, default=[1, 2])
+  ap.add_argument("--factored-ranks", type=_ints, default=[8, 32])
+  ap.add_argument(
+    "--factored-repeats", type=int, default=3, help="interleaved measurements per config"
+  )
+  ap.add_argument(
+    "--factored-full-layers",
+    type=int,
+    default=1,
+    help="layers of the factored configs that also run full mode (0: none)",
+  )
+  ap.add_argument("--factored-full-repeats", type=int, default=1)
+  ap.add_argument(
+    "--memory-variants",
+    default=None,
+    help="comma-separated rows of the memory section (default: all; adamw always)",
+  )
+  ap.add_argument("--compile-pairs", type=_ints, default=[8, 32, 128])
+  ap.add_argument("--compile-modes", default="adamw,efficient,factored,factored-b1=0,full")
+  ap.add_argument("--compile-dim", type=int, default=512)
+  ap.add_argument("--compile-timeout-s", type=float, default=900.0)
   ap.add_argument("--memory-model", default="llama2-7b")
   ap.add_argument("--memory-layers", type=int, default=32)
   ap.add_argument("--memory-rank", type=int, default=8)
@@ -625,6 +894,8 @@ def parse_args(argv=None):
   args = ap.parse_args(argv)
   if args.quick:
     args.layers, args.ranks, args.rank_layers, args.full_llama_layers = [1, 2], [8], 2, 0
+    args.factored_layers, args.factored_ranks, args.factored_full_layers = [1], [8], 0
+    args.factored_repeats = 2
     args.small_models = "minilm:6"
     args.adapters, args.scaling_ranks = [8, 64, 256], [4, 32, 128]
     args.target_s, args.rounds = 0.5, 3
@@ -636,7 +907,18 @@ def parse_args(argv=None):
     args.memory_model, args.memory_layers, args.memory_rank = "tiny", 1, 4
     args.memory_compile_layers = 1
     args.target_s, args.rounds = 0.02, 1
+    # one configuration with every arm (full mode included), measured twice
+    args.factored_model, args.factored_layers, args.factored_ranks = "tiny", [], [4]
+    args.factored_full_layers, args.factored_full_repeats = 1, 2
+    args.scaling_variants = "batched,batched-stacked,factored-stacked,loop-factored,loop-projector"
+    args.compile_pairs, args.compile_modes, args.compile_dim = [1], "adamw,factored-b1=0", 16
   args.sections = [s for s in args.sections.split(",") if s]
+  unknown = set(args.sections) - {"update", "factored", "scaling", "memory", "compile", "e2e"}
+  if unknown:
+    ap.error(f"unknown sections {sorted(unknown)}")
+  args.scaling_variants = [v for v in args.scaling_variants.split(",") if v]
+  if args.memory_variants is not None:
+    args.memory_variants = [v for v in args.memory_variants.split(",") if v]
   timing.COMPILER_OPTIONS.clear()
   if args.smoke:
     timing.COMPILER_OPTIONS.update(timing.FAST_COMPILE)
@@ -671,8 +953,11 @@ def main(argv=None):
     "settings": {k: v for k, v in vars(args).items()},
     "update": [],
     "ratios": [],
+    "factored": [],
+    "factored_ratios": [],
     "scaling": [],
     "memory": [],
+    "compile": [],
     "e2e": None,
   }
   log(f"device: {result['device']['label']}")
@@ -719,14 +1004,51 @@ def main(argv=None):
       result["update"] += rows
       result["ratios"] += ratios
       _checkpoint(result, args)
+  if "factored" in args.sections:
+    configs = [(nl, r, False) for r in args.factored_ranks for nl in args.factored_layers]
+    if args.factored_full_layers > 0:
+      configs += [(args.factored_full_layers, r, True) for r in args.factored_ranks]
+    for nl, r, full in configs:
+      rows, ratios = bench_factored_config(
+        args.factored_model,
+        nl,
+        r,
+        full=full,
+        repeats=args.factored_full_repeats if full else args.factored_repeats,
+        target_s=args.target_s,
+        rounds=args.rounds,
+        log=log,
+      )
+      result["factored"] += rows
+      result["factored_ratios"] += ratios
+      _checkpoint(result, args)
   if "scaling" in args.sections:
     result["scaling"] = bench_scaling(args, log)
     _checkpoint(result, args)
   if "memory" in args.sections and args.memory_layers > 0:
     compile_layers = args.memory_compile_layers or max(args.full_llama_layers, 1)
     result["memory"] = bench_memory(
-      args.memory_model, args.memory_layers, compile_layers, args.memory_rank, log
+      args.memory_model,
+      args.memory_layers,
+      compile_layers,
+      args.memory_rank,
+      log,
+      only=args.memory_variants,
     )
+    _checkpoint(result, args)
+  if "compile" in args.sections:
+    from benchmarks import compile_time
+
+    result["compile"] = compile_time.sweep(
+      [m for m in args.compile_modes.split(",") if m],
+      args.compile_pairs,
+      dim=args.compile_dim,
+      rank=args.adapter_rank,
+      timeout_s=args.compile_timeout_s,
+      fast=args.smoke,
+      log=log,
+    )
+    _checkpoint(result, args)
   if "e2e" in args.sections:  # --smoke runs a tiny model; a failure raises
     from benchmarks import e2e_minilm
 

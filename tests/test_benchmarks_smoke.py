@@ -23,8 +23,18 @@ UPDATE_VARIANTS = {
 }
 
 
+FACTORED_VARIANTS = {
+  "adamw",
+  "lorapro-sylvester+adamw",
+  "lorapro-factored",
+  "lorapro-factored-b1=0",
+  "lorapro-full",
+}
+
+
 def test_smoke_writes_expected_rows(tmp_path):
-  run.main(["--smoke", "--no-plot", "--out-dir", str(tmp_path)])
+  sections = "update,factored,scaling,memory,compile,e2e"
+  run.main(["--smoke", "--no-plot", "--out-dir", str(tmp_path), "--sections", sections])
   with open(tmp_path / "smoke.json") as f:
     res = json.load(f)
   assert {"platform", "device_kind", "cpu_count", "label", "jax"} <= set(res["device"])
@@ -38,20 +48,49 @@ def test_smoke_writes_expected_rows(tmp_path):
     assert r["timed"].startswith("train step")
   ratios = {x["ratio"] for x in res["ratios"]}
   assert {"sylvester/adamw", "zero/adamw", "symmetric/adamw", "full/dense-adamw"} <= ratios
+  # The factored mode next to efficient and full mode, measured twice after one compilation.
+  fac = res["factored"]
+  assert {r["variant"] for r in fac} == FACTORED_VARIANTS
+  for r in fac:
+    assert r["median_ms"] > 0 and len(r["measurement_median_ms"]) == 2, r
+    assert r["timed"].startswith("train step") and r["compile_s"] > 0
+  fr = {x["ratio"]: x for x in res["factored_ratios"]}
+  assert {"factored/efficient", "factored-b1=0/efficient", "factored/full"} <= set(fr)
+  for x in fr.values():
+    assert len(x["runs"]) == 2 and x["min"] <= x["value"] <= x["max"], x
   for kind in ("scaling_adapters", "scaling_rank"):
     variants = {r["variant"] for r in res["scaling"] if r["section"] == kind}
-    assert variants == {"batched", "batched-stacked", "loop-factored", "loop-projector"}, kind
+    assert variants == {
+      "batched",
+      "batched-stacked",
+      "factored-stacked",
+      "loop-factored",
+      "loop-projector",
+    }, kind
   mem = {r["variant"]: r for r in res["memory"]}
   assert set(mem) == {
     "adamw",
     "lorapro-sylvester+adamw",
+    "lorapro-factored",
+    "lorapro-factored-b1=0",
     "lorapro-full",
     "lorapro-full-bf16",
     "dense-adamw",
   }
-  # Exact state sizes: efficient mode keeps AdamW's state; full mode's moments are m×n.
+  # Exact state sizes: efficient mode keeps AdamW's state; full mode's moments are m×n;
+  # the factored mode's arrays are AdamW's plus an m- and an n-vector per pair (b1 = 0:
+  # those vectors only); the rest are int32 step counters.
   assert mem["lorapro-sylvester+adamw"]["state_bytes"] == mem["adamw"]["state_bytes"]
   assert mem["lorapro-full-bf16"]["state_bytes"] < mem["lorapro-full"]["state_bytes"]
+  arrays = {v: r["state_bytes"] - r["state_scalar_bytes"] for v, r in mem.items()}
+  mn = 4 * mem["lorapro-factored"]["sum_m_plus_n"]
+  assert arrays["lorapro-factored"] == arrays["adamw"] + mn
+  assert arrays["lorapro-factored-b1=0"] == mn
+  assert any(t["target"].startswith("lorapro-factored state") for t in res["targets"])
+  comp = {r["mode"]: r for r in res["compile"]}
+  assert set(comp) == {"adamw", "factored-b1=0"}
+  for r in comp.values():
+    assert r["compile_s"] > 0 and r["kernels"] >= 1 and r["fast_compile"], r
   # The tiny end-to-end step ran (it is never skipped here: flax is installed).
   e2e = res["e2e"]
   assert "skipped" not in e2e, e2e
