@@ -200,11 +200,11 @@ def _normalised_outputs(
     gamma = jnp.maximum(_amax(p.g_A), _amax(p.g_B))
     finite = jnp.isfinite(gamma)
     gamma = jnp.where(finite & (gamma > 0), gamma, jnp.ones_like(gamma))
-    g_A, g_B = p.g_A / gamma[:, None, None], p.g_B / gamma[:, None, None]
+    g_A, g_B = eq.divide(p.g_A, gamma[:, None, None]), eq.divide(p.g_B, gamma[:, None, None])
     hats.append((A, B, g_A, g_B, gamma, finite))
     prods.append(_products(p.layout, A.hat, B.hat, g_A, g_B))
   prods = _Products(*(_cat(x) for x in zip(*prods)))
-  ratio = _cat([(B.scale / A.scale) ** 2 for A, B, *_ in hats])
+  ratio = _cat([eq.divide(B.scale, A.scale) ** 2 for A, B, *_ in hats])
   coef = _coefficients(prods, _cat([p.s for p in ps]), x_choice, damping, ratio)
 
   out = []

@@ -54,11 +54,25 @@ class DampedEig(NamedTuple):
   Q: Array
 
 
+def divide(x: Array, c: Array) -> Array:
+  """x / c for positive c (a scale, broadcast against x), accurate for every finite c.
+
+  Not written as ``x / c``: XLA on CPU divides by a broadcast scalar as a product
+  with its reciprocal, and beyond c ≈ 1/tiny (8.5e37 in float32) 1/c is subnormal
+  and flushed to zero, which made x / c exactly 0. Both are first scaled by an
+  exact power of two that keeps c·q and 1/(c·q) normal.
+  """
+  info = jnp.finfo(c.dtype)
+  big = 2.0 ** (info.maxexp // 2)
+  q = jnp.where(c > big, 1 / big, 1).astype(c.dtype)
+  return (x * q) / (c * q)
+
+
 def normalise(M: Array) -> Normalised:
   """Splits M into max|M| and M / max|M| (scale 1 for zero or non-finite M)."""
   c = jnp.max(jnp.abs(M))
   c = jnp.where((c > 0) & jnp.isfinite(c), c, jnp.ones_like(c))
-  return Normalised(M / c, c)
+  return Normalised(divide(M, c), c)
 
 
 def damped_eigh(G: Array, damping: Array | float) -> DampedEig:

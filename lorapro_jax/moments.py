@@ -73,7 +73,9 @@ def equivalent_gradient(pair: batched.LeafPair, g_A: Array, g_B: Array) -> Array
   c_B = eq.saturate(pair.s * A.scale * b.scale)
   c = jnp.maximum(c_A, c_B)
   c = jnp.where(c > 0, c, jnp.ones_like(c))
-  g = lo.outer(pair.layout, B.hat, a.hat * _col(c_A / c), b.hat * _col(c_B / c), A.hat)
+  g = lo.outer(
+    pair.layout, B.hat, a.hat * _col(eq.divide(c_A, c)), b.hat * _col(eq.divide(c_B, c)), A.hat
+  )
   return eq.saturate(g * _col(c))
 
 
@@ -235,7 +237,10 @@ def moment_projection(pair: batched.LeafPair, m: FactoredMoments) -> tuple[batch
   A_p, B_p = _normalised(m.a_prev.astype(dt)), _normalised(m.b_prev.astype(dt))
   n_A, n_B = _normalised(m.m_a.astype(dt)), _normalised(m.m_b.astype(dt))
   nu = _max_scale(n_A, n_B)
-  L = LowRank((B_p.hat, n_B.hat * _col(n_B.scale / nu)), (n_A.hat * _col(n_A.scale / nu), A_p.hat))
+  L = LowRank(
+    (B_p.hat, n_B.hat * _col(eq.divide(n_B.scale, nu))),
+    (n_A.hat * _col(eq.divide(n_A.scale, nu)), A_p.hat),
+  )
   g_A, g_B = lora_gradients(pair.layout, L, A.hat, B.hat)
   return pair.replace(A=A.hat, B=B.hat, g_A=g_A, g_B=g_B, s=jnp.ones_like(pair.s)), nu
 
@@ -289,7 +294,10 @@ def factored_step(
   # from G̃ = s·c·L̂ with L̂'s factors at most 1 (c the larger factor scale).
   h_A, h_B = _normalised(G_A), _normalised(G_B)
   c = _max_scale(h_A, h_B)
-  L = LowRank((B.hat, h_B.hat * _col(h_B.scale / c)), (h_A.hat * _col(h_A.scale / c), A.hat))
+  L = LowRank(
+    (B.hat, h_B.hat * _col(eq.divide(h_B.scale, c))),
+    (h_A.hat * _col(eq.divide(h_A.scale, c)), A.hat),
+  )
   sq = lambda x, size: eq.scale_by(
     jnp.maximum(x, 0) / size, s[:, None], s[:, None], c[:, None], c[:, None]
   )
@@ -309,9 +317,12 @@ def factored_step(
   n_A, n_B = _normalised(N_A), _normalised(N_B)
   nu_D = _max_scale(n_A, n_B)
   D = LowRank(
-    (lo.scale_out(layout, B.hat, rho), lo.scale_out(layout, n_B.hat * _col(n_B.scale / nu_D), rho)),
     (
-      lo.scale_in(layout, n_A.hat * _col(n_A.scale / nu_D), kappa),
+      lo.scale_out(layout, B.hat, rho),
+      lo.scale_out(layout, n_B.hat * _col(eq.divide(n_B.scale, nu_D)), rho),
+    ),
+    (
+      lo.scale_in(layout, n_A.hat * _col(eq.divide(n_A.scale, nu_D)), kappa),
       lo.scale_in(layout, A.hat, kappa),
     ),
   )

@@ -319,6 +319,10 @@ def _x64(case):
   return jax.enable_x64(True) if case["dtype"] == "float64" else contextlib.nullcontext()
 
 
+# Found by a 10,000-case campaign (seed 20261203): float32 gradients up to 1e38 (the
+# last two @examples of the accuracy test) gave all-zero updates. The normalised path
+# divided by max|g| ≈ 1.1e38, which XLA on CPU evaluates as a product with 1/max|g|,
+# subnormal and flushed to zero (fixed by lorapro_jax.equations.divide).
 # Found by a fuzz campaign (seed 20261202, issue 13 item 8): the raw path flushed the
 # subnormal r×r product (BᵀB)⁻¹/s²·Bᵀg_lora^B to zero and g^B lost its projection term
 # (relative error 0.027); it now takes the normalised path (lorapro_jax.batched._raw_trusted).
@@ -484,6 +488,31 @@ def accuracy_cases(draw):
     "consistent": False,
     "s": 0.25,
     "op_by_op": False,
+  }
+)
+@example(  # float32, max|g| ~ 1e38 > 1/tiny: the normalised path's g/γ was 0 (see below)
+  case={
+    **UNDERFLOW_CASE,
+    "scale_a": 1e18,
+    "scale_b": 1.0,
+    "scale_g": 1e20,
+    "s": 0.25,
+    "seed": 139,
+    "op_by_op": False,
+  }
+)
+@example(  # the same failure as first found, r = 8, op by op
+  case={
+    **UNDERFLOW_CASE,
+    "m": 16,
+    "n": 12,
+    "r": 8,
+    "scale_a": 1e19,
+    "scale_b": 1e-10,
+    "scale_g": 1e19,
+    "s": 0.25,
+    "seed": 142,
+    "op_by_op": True,
   }
 )
 def test_accuracy_against_float64_reference(checked, case):

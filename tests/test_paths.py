@@ -66,6 +66,8 @@ EXTREMES = {
   "huge_factors": (1e20, 1e21, 1e20),
   "zero_B": (1.0, 0.0, 1.0),
   "huge_gradients_small_B": (1.0, 1e-12, 1e28),
+  # max|g_lora| ~ 1.6e38, beyond 1/tiny: dividing by it once gave 0 (equations.divide).
+  "gradients_beyond_one_over_tiny": (1e2, 1e2, 1e37),
 }
 
 
