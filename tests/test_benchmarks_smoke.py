@@ -142,6 +142,30 @@ def test_train_step_ratio(tmp_path):
     assert json.load(f)["provenance"]["versions"]["jax"]
 
 
+def test_factored_cost_counts_every_arm(tmp_path):
+  """benchmarks.factored_cost on a toy shape: HLO counts, timings, stages, report, K sweep."""
+  from benchmarks import factored_cost
+
+  out = tmp_path / "fc.json"
+  res = factored_cost.main(
+    ["--model", "tiny", "--layers", "1", "--rank", "4", "--repeats", "1", "--rounds", "1"]
+    + ["--target-s", "0.02", "--no-profile", "--ksweep", "", "--fast-compile", "--out", str(out)]
+  )
+  arms = res["configs"][0]["arms"]
+  assert set(arms) == set(factored_cost.arms())
+  for name, a in arms.items():
+    assert a["kernels"] > 0 and a["passes"] > 0 and len(a["median_ms"]) == 1, name
+    assert sum(g["kernels"] for g in a["by_kind"].values()) == a["kernels"], name
+  assert arms["adamw"]["dot_mflop"] == 0 and arms["lorapro-factored"]["dot_mflop"] > 0
+  stages = set(arms["lorapro-factored"]["by_stage"])
+  assert any(s.startswith("moments.") for s in stages), stages
+  with open(out) as f:
+    assert json.load(f)["configs"][0]["rank"] == 4
+  assert "lorapro-factored" in (tmp_path / "fc.txt").read_text()
+  rows = factored_cost.ksweep(n_pairs=1, n=64, ks=(4,), rounds=1, target_s=0.01, log=lambda m: 0)
+  assert {r["op"] for r in rows} == {"copy", "dot", "gram"}
+
+
 def test_hlo_traffic_counts_adamw_passes():
   """optax.adamw reads g, mu, nu, p and writes mu, nu, p: 7 to 10 passes over the params."""
   import jax
