@@ -236,15 +236,29 @@ def _scaled_reference(gA, gB, A, B, s, x_choice):
   """`reference.lorapro_gradients` on inputs rescaled by powers of two, or None where
   the float64 reference itself cannot be trusted.
 
-  A and B are both scaled by 2^-k (k from the geometric mean of their largest entries),
-  the gradients by 2^-k_g (their largest entry), and the result scaled back: Theorem 2.1
-  is homogeneous (with A, B scaled alike every term of g^A and g^B scales as γ/c²), so
-  this is exact unless a product of the reference leaves float64's normal range.
-  Unscaled, (BᵀB)⁻¹Bᵀg(AAᵀ)⁻¹ for A ~ 1e108 and B ~ 1e107 is subnormal and the
-  reference lost 0.2%; with factor scales 1e214 apart no one scaling keeps every
-  product in range. So it is evaluated at three scalings (k, k_g shifted by ±24, ∓20
-  bits), which must agree to 1e-9: an intermediate that underflowed or overflowed
-  moves with the shift and shows up as a disagreement."""
+  Theorem 2.1 is linear in the gradients (X too: Eq. 15's depends on g_lora^A only,
+  Eq. 16's on g_lora^B only), so the reference is evaluated for each gradient alone,
+  (g_lora^A, 0) and (0, g_lora^B), each at its own scaling, and the two results are
+  summed. For each, A and B are both scaled by 2^-k (k from the geometric mean of their
+  largest entries), the gradient by 2^-k_g (its largest entry), and the result scaled
+  back: with A, B scaled alike every term of g^A and g^B scales as γ/c², so this is exact
+  unless a product of the reference leaves float64's normal range. Unscaled,
+  (BᵀB)⁻¹Bᵀg(AAᵀ)⁻¹ for A ~ 1e108 and B ~ 1e107 is subnormal and the reference lost
+  0.2%; with factor scales 1e214 apart no one scaling keeps every product in range; and
+  with one scaling for both gradients, g_lora^B 1e224 below g_lora^A and B 1e224 above
+  A made (BᵀB)⁻¹Bᵀg_lora^B underflow in all three scalings below, so the symmetric and
+  Sylvester X vanished (seed 20261203). Each part is evaluated at three scalings (k, k_g
+  shifted by ±24, ∓20 bits), which must agree to 1e-9: an intermediate that underflowed
+  or overflowed moves with the shift and shows up as a disagreement."""
+  parts = [_scaled_part(gA, np.zeros_like(gB), A, B, s, x_choice)]
+  parts.append(_scaled_part(np.zeros_like(gA), gB, A, B, s, x_choice))
+  if any(p is None for p in parts):
+    return None
+  return [a + b for a, b in zip(*parts)]
+
+
+def _scaled_part(gA, gB, A, B, s, x_choice):
+  """`_scaled_reference` for one scaling of the gradients (None if untrusted)."""
   with np.errstate(divide="ignore"):
     k = np.round(np.log2(np.sqrt(np.max(np.abs(A)) * np.max(np.abs(B)))))
     k_g = np.round(np.log2(max(np.max(np.abs(gA)), np.max(np.abs(gB)))))
@@ -261,7 +275,7 @@ def _scaled_reference(gA, gB, A, B, s, x_choice):
   size = max(np.max(np.abs(w)) for w in want)
   with np.errstate(all="ignore"):
     spread = max(np.max(np.abs(x - w)) for other in results[1:] for x, w in zip(other, want))
-  if not spread <= 1e-9 * size:  # also for NaN
+  if not (spread <= 1e-9 * size or size == 0):  # also for NaN
     return None
   return want
 
@@ -513,6 +527,18 @@ def accuracy_cases(draw):
     "s": 0.25,
     "seed": 142,
     "op_by_op": True,
+  }
+)
+@example(  # float64, B 1e224 above A, g_lora^B 1e224 below g_lora^A: see _scaled_reference
+  case={
+    **UNDERFLOW_CASE,
+    "dtype": "float64",
+    "scale_a": 1e-73,
+    "scale_b": 1e150,
+    "scale_g": 10.0,
+    "s": 0.25,
+    "seed": 0,
+    "op_by_op": False,
   }
 )
 def test_accuracy_against_float64_reference(checked, case):
