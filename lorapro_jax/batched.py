@@ -36,9 +36,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -49,7 +49,15 @@ from lorapro_jax.equations import X_CHOICES, XChoice
 
 Array = jax.Array
 
-__all__ = ["X_CHOICES", "LeafPair", "XChoice", "adjust", "compute_dtype", "record_paths"]
+__all__ = [
+  "X_CHOICES",
+  "LeafPair",
+  "XChoice",
+  "adjust",
+  "compute_dtype",
+  "record_paths",
+  "stack_groups",
+]
 
 
 def compute_dtype(*arrays) -> jnp.dtype:
@@ -220,6 +228,48 @@ def _normalised_outputs(
     )
     out.append(tuple(jnp.where(col(finite), eq.saturate(x), jnp.nan) for x in (out_A, out_B)))
   return out
+
+
+def stack_groups(
+  items: Sequence[Any], tags: Sequence[Any]
+) -> tuple[list, Callable[[Sequence[Any]], list]]:
+  """Concatenates the items of equal ``tags`` whose arrays have equal shapes (but for
+  their leading, slice axis N) and dtypes along that axis.
+
+  Each item is a pytree (e.g. a `LeafPair` and its moments) whose every array has
+  the slice axis first. Returns the groups' items, and a function that splits
+  per-group results (pytrees of such arrays, one per group) back into per-item
+  results. Work traced per group instead of per pair keeps the compile time
+  proportional to the number of kinds of pairs, not of pairs: a model's blocks
+  repeat the same layers. ``tags`` keeps apart items that must not be mixed: on a
+  mesh, pairs of one shape but another sharding (a column- and a row-parallel
+  projection) would be resharded by the concatenation.
+  """
+  groups: dict = {}
+  for i, (item, tag) in enumerate(zip(items, tags, strict=True)):
+    leaves, treedef = jax.tree.flatten(item)
+    key = (tag, treedef, tuple((x.shape[1:], jnp.dtype(x.dtype)) for x in leaves))
+    groups.setdefault(key, []).append(i)
+  members = list(groups.values())
+  sizes = [[jax.tree.leaves(items[i])[0].shape[0] for i in m] for m in members]
+  stacked = [
+    items[m[0]]
+    if len(m) == 1
+    else jax.tree.map(lambda *xs: jnp.concatenate(xs, 0), *(items[i] for i in m))
+    for m in members
+  ]
+
+  def split(results: Sequence[Any]) -> list:
+    out: list = [None] * len(items)
+    for m, n, result in zip(members, sizes, results):
+      for j, i in enumerate(m):
+        start = sum(n[:j])
+        out[i] = (
+          result if len(m) == 1 else jax.tree.map(lambda x, a=start, k=n[j]: x[a : a + k], result)
+        )
+    return out
+
+  return stacked, split
 
 
 # Set by `record_paths`; read when compiled code runs.

@@ -433,6 +433,13 @@ class PairIndex:
     return cls(found, keys, len(jax.tree.leaves(params)))
 
   @property
+  def kinds(self) -> tuple[str, ...]:
+    """Each pair's key with its integer path components (layer indices) as "*":
+    the pairs of one kind are the same layer of different blocks, e.g.
+    "layers/*/attn/q", which share their shapes and, on a mesh, their sharding."""
+    return tuple("/".join("*" if c.isdigit() else c for c in key.split("/")) for key in self.keys)
+
+  @property
   def paired(self) -> frozenset[int]:
     """Indices of the leaves that belong to a pair."""
     return frozenset(i for f in self.pairs for i in (f.a_index, f.b_index))

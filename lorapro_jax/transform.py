@@ -259,29 +259,38 @@ def _with_moments(
         moments_lib.full_step(p, g0, m, count, b1, b2, eps)  # lines 8-15
         for p, g0, m in zip(leaf_pairs, zero_x, moments)
       ]
+      adjusted = batched.adjust([p for p, _ in steps], x_choice, damping)  # lines 16-18
+      new_moments = [m for _, m in steps]
     else:
-      # One batched Theorem 2.1 (X = 0) for the gradients and for the stored
-      # first moments' projection onto the current factors.
+      # The same layer of every block (pairs of one kind and shape) is concatenated
+      # along the slice axis, so that this is traced once per kind, not once per pair
+      # (batched.stack_groups); one batched Theorem 2.1 (X = 0) for the gradients and
+      # for the stored first moments' projection onto the current factors.
+      groups, split = batched.stack_groups(list(zip(leaf_pairs, moments)), index.kinds)
+      g_pairs, g_moments = [p for p, _ in groups], [m for _, m in groups]
       proj = (
-        [moments_lib.moment_projection(p, m) for p, m in zip(leaf_pairs, moments)]
+        [moments_lib.moment_projection(p, m) for p, m in zip(g_pairs, g_moments)]
         if first_moment
         else []
       )
-      zero = batched.adjust(leaf_pairs + [p for p, _ in proj], "zero", damping)
-      zero_x, proj_x = zero[: len(leaf_pairs)], zero[len(leaf_pairs) :]
-      steps = []
-      for k, (p, g0, m) in enumerate(zip(leaf_pairs, zero_x, moments)):
+      zero = batched.adjust(g_pairs + [p for p, _ in proj], "zero", damping)
+      zero_x, proj_x = zero[: len(g_pairs)], zero[len(g_pairs) :]
+      g_steps = []
+      for k, (p, g0, m) in enumerate(zip(g_pairs, zero_x, g_moments)):
         projected = (*proj_x[k], proj[k][1]) if first_moment else None
-        pair, new = moments_lib.factored_step(p, g0, m, projected, count, b1, b2, eps)
-        if first_moment:  # the factors the new first moment is relative to
-          f = index.pairs[k]
-          new = new._replace(
+        g_steps.append(moments_lib.factored_step(p, g0, m, projected, count, b1, b2, eps))
+      g_adjusted = batched.adjust([p for p, _ in g_steps], x_choice, damping)
+      per_pair = split([(out, m) for out, (_, m) in zip(g_adjusted, g_steps)])
+      adjusted, new_moments = [out for out, _ in per_pair], [m for _, m in per_pair]
+      if first_moment:  # the factors each new first moment is relative to
+        new_moments = [
+          m._replace(
             a_prev=index.flatten(p_leaves[f.a_index], k, "a"),
             b_prev=index.flatten(p_leaves[f.b_index], k, "b"),
           )
-        steps.append((pair, new))
-    adjusted = batched.adjust([p for p, _ in steps], x_choice, damping)  # lines 16-18
-    pair_moments = {key: stored(k, m) for k, (key, (_, m)) in enumerate(zip(index.keys, steps))}
+          for k, (f, m) in enumerate(zip(index.pairs, new_moments))
+        ]
+    pair_moments = {key: stored(k, m) for k, (key, m) in enumerate(zip(index.keys, new_moments))}
     out = index.scatter(jax.tree.leaves(adam_updates), adjusted)
     new_state = moments_lib.ScaleByLoraProState(pair_moments, adam_state)
     return jax.tree.unflatten(jax.tree.structure(updates), out), new_state
