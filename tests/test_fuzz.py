@@ -266,10 +266,13 @@ def _scaled_part(gA, gB, A, B, s, x_choice):
   results = []
   for dk, dg in ((0, 0), (24, -20), (-24, 20)):
     kk, kg = k + dk, k_g + dg
+    a, b = np.ldexp(A, -kk), np.ldexp(B, -kk)
     with np.errstate(all="ignore"):  # results beyond float64's range: skipped by the caller
-      want = ref.lorapro_gradients(
-        np.ldexp(gA, -kg), np.ldexp(gB, -kg), np.ldexp(A, -kk), np.ldexp(B, -kk), s, x_choice
-      )
+      grams = (a @ a.T, b.T @ b)
+      if not all(np.all(np.isfinite(G)) for G in grams):
+        # LAPACK can loop forever on Inf (an overflowed Gram matrix hung a campaign).
+        return None
+      want = ref.lorapro_gradients(np.ldexp(gA, -kg), np.ldexp(gB, -kg), a, b, s, x_choice)
       results.append([np.ldexp(w, kg - 2 * kk) for w in want])
   want = results[0]
   size = max(np.max(np.abs(w)) for w in want)
