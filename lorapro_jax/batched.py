@@ -297,11 +297,12 @@ def _log_path(raw):
     _path_log.append(bool(raw))
 
 
-def _adjust_bucket(ps: Sequence[LeafPair], x_choice, damping, record) -> list:
-  """`adjust` for pairs of one rank and dtype."""
+def _adjust_bucket(ps: Sequence[LeafPair], x_choice, damping, record, zero=0.0) -> list:
+  """`adjust` for pairs of one rank and dtype; ``zero``: see `_zero_after`."""
   prods = _Products(
     *(_cat(x) for x in zip(*(_products(p.layout, p.A, p.B, p.g_A, p.g_B) for p in ps)))
   )
+  prods = prods._replace(G_A=prods.G_A + jnp.asarray(zero, prods.G_A.dtype))
   s = _cat([p.s for p in ps])
   coef = _coefficients(prods, s, x_choice, damping, jnp.ones_like(s))
   gamma_A = _cat([_amax(p.g_A) for p in ps])
@@ -316,27 +317,52 @@ def _adjust_bucket(ps: Sequence[LeafPair], x_choice, damping, record) -> list:
   )
 
 
-def adjust(pairs: Sequence[LeafPair], x_choice: XChoice, damping) -> list[tuple[Array, Array]]:
+def adjust(
+  pairs: Sequence[LeafPair], x_choice: XChoice, damping, after: Any = None
+) -> list[tuple[Array, Array]]:
   """Theorem 2.1 for every pair: (g^A, g^B) per pair, laid out like (A, B).
 
   A result beyond the dtype's range saturates; a slice with a NaN or Inf
-  gradient returns NaN in both of its outputs.
+  gradient returns NaN in both of its outputs. ``after``: arrays (e.g. an
+  earlier `adjust`'s outputs) that this call's `eigh` must wait for (`_zero_after`).
   """
   if x_choice not in X_CHOICES:
     raise ValueError(f"x_choice must be one of {X_CHOICES}, got {x_choice!r}")
   # Jitted so that an eager call compiles one computation (with both branches
   # of the cond) instead of dispatching every op; inlined under an outer jit.
-  return _adjust_jit(tuple(pairs), x_choice, damping, _path_log is not None)
+  return _adjust_jit(tuple(pairs), x_choice, damping, _path_log is not None, after)
+
+
+def _zero_after(after: Any) -> Array | float:
+  """An exact 0 that XLA can compute only once ``after`` (arrays) is.
+
+  Every `adjust` runs one batched `eigh` per rank, on Gram matrices of the
+  parameters alone, so XLA:CPU may run those of several ranks, or of several
+  `adjust` calls of one step, at the same time. jaxlib's CPU `eigh` splits a
+  large batch into chunks on XLA's intra-op pool and waits for them: two such
+  calls at once on a pool of two threads waited for each other forever (the
+  factored mode's step at Llama-2-7B r = 32 on a 2-core CPU). Adding this zero
+  to an `eigh`'s input makes it wait for ``after``; an optimization barrier does
+  not survive to XLA:CPU's schedule. fmin(|x|, 0) is 0 for every x, NaN included;
+  one entry of every array of ``after`` (they may come from different ranks).
+  """
+  zero = 0.0
+  for x in jax.tree.leaves(after):
+    if x.size:
+      zero = zero + jnp.fmin(jnp.abs(jnp.reshape(x, (-1,))[0]), 0)
+  return zero
 
 
 @partial(jax.jit, static_argnums=(1, 3))
-def _adjust_jit(pairs, x_choice, damping, record):
+def _adjust_jit(pairs, x_choice, damping, record, after):
   buckets: dict = {}
   for i, p in enumerate(pairs):
     buckets.setdefault((p.rank, jnp.dtype(p.A.dtype)), []).append(i)
   out = [None] * len(pairs)
+  zero = _zero_after(after)
   for members in buckets.values():
-    result = _adjust_bucket([pairs[i] for i in members], x_choice, damping, record)
+    result = _adjust_bucket([pairs[i] for i in members], x_choice, damping, record, zero)
+    zero = _zero_after(result)  # the next rank's eigh waits for this one's results
     for i, res in zip(members, result):
       out[i] = tuple(res)
   return out
