@@ -360,6 +360,9 @@ UNDERFLOW_CASE = {
 }
 
 
+_COMPILED_CALLS = [0]
+
+
 @functools.cache
 def _compiled(mode, x_choice, batch_axes):
   """``lorapro`` with its scale injected (one compilation serves every scale) and its
@@ -377,6 +380,12 @@ def _transform(case, mode, x_choice):
   if not case.get("jit"):
     tx = lpj.lorapro(case["s"], mode=mode, x_choice=x_choice, pairs=_spec(case))
     return tx.init, tx.update
+  _COMPILED_CALLS[0] += 1
+  if _COMPILED_CALLS[0] % 1500 == 0:
+    # Every executable maps memory: a campaign of a few hundred shapes × dtypes ×
+    # transformations ran out of memory maps (vm.max_map_count) and LLVM aborted.
+    jax.clear_caches()
+    _compiled.cache_clear()
   tx, update = _compiled(mode, x_choice, len(case["batch"]))
 
   def init(params):
