@@ -192,8 +192,9 @@ def _raw_outputs(ps: Sequence[LeafPair], coef: eq.Coefficients) -> list[tuple[Ar
 
 def _normalised_outputs(
   ps: Sequence[LeafPair], x_choice: XChoice, damping
-) -> list[tuple[Array, Array]]:
-  """Theorem 2.1 on normalised factors and gradients (the fallback).
+) -> tuple[list[tuple[Array, Array]], Array]:
+  """Theorem 2.1 on normalised factors and gradients (the fallback), and an exact
+  0 from its coefficients (`_zero_of`).
 
   The map is linear in the gradients: each slice's gradients are divided by
   their largest entry γ, and γ and the factors' scales α, β are applied last,
@@ -227,7 +228,7 @@ def _normalised_outputs(
       lo.right(L, B.hat, Z), c, a, d
     )
     out.append(tuple(jnp.where(col(finite), eq.saturate(x), jnp.nan) for x in (out_A, out_B)))
-  return out
+  return out, _zero_of(coef)
 
 
 def stack_groups(
@@ -297,8 +298,9 @@ def _log_path(raw):
     _path_log.append(bool(raw))
 
 
-def _adjust_bucket(ps: Sequence[LeafPair], x_choice, damping, record, zero=0.0) -> list:
-  """`adjust` for pairs of one rank and dtype; ``zero``: see `_zero_after`."""
+def _adjust_bucket(ps: Sequence[LeafPair], x_choice, damping, record, zero=0.0) -> tuple:
+  """`adjust` for pairs of one rank and dtype, and an exact 0 computed last (see
+  `_zero_after`); ``zero`` is added to the `eigh` input."""
   prods = _Products(
     *(_cat(x) for x in zip(*(_products(p.layout, p.A, p.B, p.g_A, p.g_B) for p in ps)))
   )
@@ -312,45 +314,50 @@ def _adjust_bucket(ps: Sequence[LeafPair], x_choice, damping, record, zero=0.0) 
     jax.debug.callback(_log_path, ok)
   return jax.lax.cond(
     ok,
-    lambda: _raw_outputs(ps, coef),
+    lambda: (_raw_outputs(ps, coef), _zero_of(coef)),
     lambda: _normalised_outputs(ps, x_choice, damping),
   )
 
 
 def adjust(
-  pairs: Sequence[LeafPair], x_choice: XChoice, damping, after: Any = None
-) -> list[tuple[Array, Array]]:
+  pairs: Sequence[LeafPair], x_choice: XChoice, damping, after: Any = None, token: bool = False
+) -> Any:
   """Theorem 2.1 for every pair: (g^A, g^B) per pair, laid out like (A, B).
 
   A result beyond the dtype's range saturates; a slice with a NaN or Inf
-  gradient returns NaN in both of its outputs. ``after``: arrays (e.g. an
-  earlier `adjust`'s outputs) that this call's `eigh` must wait for (`_zero_after`).
+  gradient returns NaN in both of its outputs. With ``token``, also returns an
+  exact 0 computed last, to pass as ``after`` to a later call, whose `eigh` then
+  waits for this call (`_zero_after`).
   """
   if x_choice not in X_CHOICES:
     raise ValueError(f"x_choice must be one of {X_CHOICES}, got {x_choice!r}")
   # Jitted so that an eager call compiles one computation (with both branches
   # of the cond) instead of dispatching every op; inlined under an outer jit.
-  return _adjust_jit(tuple(pairs), x_choice, damping, _path_log is not None, after)
+  out, zero = _adjust_jit(tuple(pairs), x_choice, damping, _path_log is not None, after)
+  return (out, zero) if token else out
+
+
+def _zero_of(coef: eq.Coefficients) -> Array:
+  """An exact 0 computed from the coefficients (r×r: replicated on a mesh, so taking
+  one entry moves nothing); see `_zero_after`."""
+  return jnp.fmin(jnp.abs(coef.M1[0, 0, 0]), 0)
 
 
 def _zero_after(after: Any) -> Array | float:
-  """An exact 0 that XLA can compute only once ``after`` (arrays) is.
+  """``after`` (an exact 0 from an earlier `adjust`, see ``token``) or 0.0.
 
   Every `adjust` runs one batched `eigh` per rank, on Gram matrices of the
   parameters alone, so XLA:CPU may run those of several ranks, or of several
   `adjust` calls of one step, at the same time. jaxlib's CPU `eigh` splits a
   large batch into chunks on XLA's intra-op pool and waits for them: two such
   calls at once on a pool of two threads waited for each other forever (the
-  factored mode's step at Llama-2-7B r = 32 on a 2-core CPU). Adding this zero
-  to an `eigh`'s input makes it wait for ``after``; an optimization barrier does
-  not survive to XLA:CPU's schedule. fmin(|x|, 0) is 0 for every x, NaN included;
-  one entry of every array of ``after`` (they may come from different ranks).
+  factored mode's step at Llama-2-7B r = 32 on a 2-core CPU). Adding an exact 0
+  that is an output of the previous rank's `lax.cond` to an `eigh`'s input makes
+  it wait for that rank's whole computation; an optimization barrier does not
+  survive to XLA:CPU's schedule. The 0 is fmin(|x|, 0) of one entry of an r×r
+  coefficient: 0 for every x, NaN included.
   """
-  zero = 0.0
-  for x in jax.tree.leaves(after):
-    if x.size:
-      zero = zero + jnp.fmin(jnp.abs(jnp.reshape(x, (-1,))[0]), 0)
-  return zero
+  return 0.0 if after is None else after
 
 
 @partial(jax.jit, static_argnums=(1, 3))
@@ -361,8 +368,8 @@ def _adjust_jit(pairs, x_choice, damping, record, after):
   out = [None] * len(pairs)
   zero = _zero_after(after)
   for members in buckets.values():
-    result = _adjust_bucket([pairs[i] for i in members], x_choice, damping, record, zero)
-    zero = _zero_after(result)  # the next rank's eigh waits for this one's results
+    # zero: the next rank's eigh waits for this rank's whole computation
+    result, zero = _adjust_bucket([pairs[i] for i in members], x_choice, damping, record, zero)
     for i, res in zip(members, result):
       out[i] = tuple(res)
-  return out
+  return out, zero

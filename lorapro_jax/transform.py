@@ -254,12 +254,12 @@ def _with_moments(
 
     moments = [flat(k, state.pair_moments[key]) for k, key in enumerate(index.keys)]
     if mode == "full":
-      zero_x = batched.adjust(leaf_pairs, "zero", damping)  # Alg. 3, lines 5-7
+      zero_x, done = batched.adjust(leaf_pairs, "zero", damping, token=True)  # Alg. 3, 5-7
       steps = [
         moments_lib.full_step(p, g0, m, count, b1, b2, eps)  # lines 8-15
         for p, g0, m in zip(leaf_pairs, zero_x, moments)
       ]
-      adjusted = batched.adjust([p for p, _ in steps], x_choice, damping, after=zero_x)  # 16-18
+      adjusted = batched.adjust([p for p, _ in steps], x_choice, damping, after=done)  # 16-18
       new_moments = [m for _, m in steps]
     else:
       # The same layer of every block (pairs of one kind and shape) is concatenated
@@ -273,13 +273,13 @@ def _with_moments(
         if first_moment
         else []
       )
-      zero = batched.adjust(g_pairs + [p for p, _ in proj], "zero", damping)
+      zero, done = batched.adjust(g_pairs + [p for p, _ in proj], "zero", damping, token=True)
       zero_x, proj_x = zero[: len(g_pairs)], zero[len(g_pairs) :]
       g_steps = []
       for k, (p, g0, m) in enumerate(zip(g_pairs, zero_x, g_moments)):
         projected = (*proj_x[k], proj[k][1]) if first_moment else None
         g_steps.append(moments_lib.factored_step(p, g0, m, projected, count, b1, b2, eps))
-      g_adjusted = batched.adjust([p for p, _ in g_steps], x_choice, damping, after=zero)
+      g_adjusted = batched.adjust([p for p, _ in g_steps], x_choice, damping, after=done)
       per_pair = split([(out, m) for out, (_, m) in zip(g_adjusted, g_steps)])
       adjusted, new_moments = [out for out, _ in per_pair], [m for _, m in per_pair]
       if first_moment:  # the factors each new first moment is relative to
