@@ -103,6 +103,27 @@ _COMPILED_MEMORY = {}
 # section 1 (and the measured part of 3): update time on real shapes
 
 
+def _compiled_runner(name, tx, params, grads, key, cfg, section, log):
+  """A donated train-step runner, compiled, and its state and parameter bytes; the
+  compiled memory is kept for the memory section (`_COMPILED_MEMORY`)."""
+  rn = train_step.runner(name, tx, params, grads)
+  state = rn.args[1]
+  meta = {
+    "state_bytes": timing.tree_bytes(state),
+    "state_scalar_bytes": timing.tree_bytes([x for x in jax.tree.leaves(state) if not x.shape]),
+    "param_bytes": timing.tree_bytes(params),
+  }
+  rn.compile()
+  log(f"[{section}] {cfg}: compiled {name} in {rn.compile_s:.1f}s")
+  _COMPILED_MEMORY[(*key, name)] = (
+    meta["state_bytes"],
+    meta["param_bytes"],
+    timing.memory_stats(rn.compiled),
+    rn.compile_s,
+  )
+  return rn, meta
+
+
 def bench_update_config(
   model_name, layers, r, *, full, target_s, rounds, log, x_choices=X_CHOICES, bf16=True, suffix=""
 ):
@@ -115,20 +136,9 @@ def bench_update_config(
     trees["dense"] = models.dense_tree(model, layers, seed=2)
   runners, meta = [], {}
   for name, (tx, which) in lora_variants(full, x_choices, bf16).items():
-    pp, gg = trees[which]
-    runners.append(train_step.runner(name, tx, pp, gg))  # its own donated params and state
-    meta[name] = {
-      "state_bytes": timing.tree_bytes(runners[-1].args[1]),
-      "param_bytes": timing.tree_bytes(pp),
-    }
-    runners[-1].compile()
-    log(f"[update] {cfg}: compiled {name} in {runners[-1].compile_s:.1f}s")
-    _COMPILED_MEMORY[(model_name, layers, r, name)] = (
-      meta[name]["state_bytes"],
-      meta[name]["param_bytes"],
-      timing.memory_stats(runners[-1].compiled),
-      runners[-1].compile_s,
-    )
+    pp, gg = trees[which]  # each runner has its own donated params and state
+    rn, meta[name] = _compiled_runner(name, tx, pp, gg, (model_name, layers, r), cfg, "update", log)
+    runners.append(rn)
   res = timing.measure(runners, rounds=rounds, target_s=target_s)
   rows = []
   for rn in runners:
@@ -199,21 +209,8 @@ def bench_factored_config(model_name, layers, r, *, full, repeats, target_s, rou
     variants["lorapro-full"] = full_tx(jnp.float32)
   runners, meta = [], {}
   for name, tx in variants.items():
-    runners.append(train_step.runner(name, tx, p, g))
-    state = runners[-1].args[1]
-    meta[name] = {
-      "state_bytes": timing.tree_bytes(state),
-      "state_scalar_bytes": timing.tree_bytes([x for x in jax.tree.leaves(state) if not x.shape]),
-      "param_bytes": timing.tree_bytes(p),
-    }
-    runners[-1].compile()
-    log(f"[factored] {cfg}: compiled {name} in {runners[-1].compile_s:.1f}s")
-    _COMPILED_MEMORY[(model_name, layers, r, name)] = (
-      meta[name]["state_bytes"],
-      meta[name]["param_bytes"],
-      timing.memory_stats(runners[-1].compiled),
-      runners[-1].compile_s,
-    )
+    rn, meta[name] = _compiled_runner(name, tx, p, g, (model_name, layers, r), cfg, "factored", log)
+    runners.append(rn)
   measurements = []
   for rep in range(repeats):
     for rn in runners:
