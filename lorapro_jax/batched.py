@@ -300,7 +300,7 @@ def _log_path(raw):
 
 def _adjust_bucket(ps: Sequence[LeafPair], x_choice, damping, record, zero=0.0) -> tuple:
   """`adjust` for pairs of one rank and dtype, and an exact 0 computed last (see
-  `_zero_after`); ``zero`` is added to the `eigh` input."""
+  `_zero_of`); ``zero`` is added to the `eigh` input."""
   prods = _Products(
     *(_cat(x) for x in zip(*(_products(p.layout, p.A, p.B, p.g_A, p.g_B) for p in ps)))
   )
@@ -320,14 +320,14 @@ def _adjust_bucket(ps: Sequence[LeafPair], x_choice, damping, record, zero=0.0) 
 
 
 def adjust(
-  pairs: Sequence[LeafPair], x_choice: XChoice, damping, after: Any = None, token: bool = False
+  pairs: Sequence[LeafPair], x_choice: XChoice, damping, after: Any = 0.0, token: bool = False
 ) -> Any:
   """Theorem 2.1 for every pair: (g^A, g^B) per pair, laid out like (A, B).
 
   A result beyond the dtype's range saturates; a slice with a NaN or Inf
   gradient returns NaN in both of its outputs. With ``token``, also returns an
   exact 0 computed last, to pass as ``after`` to a later call, whose `eigh` then
-  waits for this call (`_zero_after`).
+  waits for this call (`_zero_of`).
   """
   if x_choice not in X_CHOICES:
     raise ValueError(f"x_choice must be one of {X_CHOICES}, got {x_choice!r}")
@@ -338,35 +338,28 @@ def adjust(
 
 
 def _zero_of(coef: eq.Coefficients) -> Array:
-  """An exact 0 computed from the coefficients (r×r: replicated on a mesh, so taking
-  one entry moves nothing); see `_zero_after`."""
-  return jnp.fmin(jnp.abs(coef.M1[0, 0, 0]), 0)
-
-
-def _zero_after(after: Any) -> Array | float:
-  """``after`` (an exact 0 from an earlier `adjust`, see ``token``) or 0.0.
+  """An exact 0, fmin(|x|, 0) of one entry of the r×r coefficients (0 for every x,
+  NaN included; replicated on a mesh, so taking one entry moves nothing).
 
   Every `adjust` runs one batched `eigh` per rank, on Gram matrices of the
   parameters alone, so XLA:CPU may run those of several ranks, or of several
   `adjust` calls of one step, at the same time. jaxlib's CPU `eigh` splits a
   large batch into chunks on XLA's intra-op pool and waits for them: two such
   calls at once on a pool of two threads waited for each other forever (the
-  factored mode's step at Llama-2-7B r = 32 on a 2-core CPU). Adding an exact 0
-  that is an output of the previous rank's `lax.cond` to an `eigh`'s input makes
-  it wait for that rank's whole computation; an optimization barrier does not
-  survive to XLA:CPU's schedule. The 0 is fmin(|x|, 0) of one entry of an r×r
-  coefficient: 0 for every x, NaN included.
+  factored mode's step at Llama-2-7B r = 32 on a 2-core CPU). Adding this 0, an
+  output of the previous rank's `lax.cond`, to the next `eigh`'s input makes it
+  wait for that rank's whole computation; an optimization barrier does not
+  survive to XLA:CPU's schedule.
   """
-  return 0.0 if after is None else after
+  return jnp.fmin(jnp.abs(coef.M1[0, 0, 0]), 0)
 
 
 @partial(jax.jit, static_argnums=(1, 3))
-def _adjust_jit(pairs, x_choice, damping, record, after):
+def _adjust_jit(pairs, x_choice, damping, record, zero):
   buckets: dict = {}
   for i, p in enumerate(pairs):
     buckets.setdefault((p.rank, jnp.dtype(p.A.dtype)), []).append(i)
   out = [None] * len(pairs)
-  zero = _zero_after(after)
   for members in buckets.values():
     # zero: the next rank's eigh waits for this rank's whole computation
     result, zero = _adjust_bucket([pairs[i] for i in members], x_choice, damping, record, zero)
