@@ -124,6 +124,25 @@ def _compiled_runner(name, tx, params, grads, key, cfg, section, log):
   return rn, meta
 
 
+def _train_step_row(section, cfg, model_name, model, layers, r, rn, meta) -> dict:
+  """The fields every timed train-step row has (the measurements are added by the
+  section)."""
+  return {
+    "section": section,
+    "config": cfg,
+    "model": model_name,
+    "layers": layers,
+    "total_layers": model.total_layers,
+    "rank": r,
+    "variant": rn.name,
+    "timed": "train step (update + apply_updates, params and state donated)",
+    "adapters": layers * len(model.linears),
+    "compile_s": rn.compile_s,
+    **meta,
+    **timing.memory_stats(rn.compiled),
+  }
+
+
 def bench_update_config(
   model_name, layers, r, *, full, target_s, rounds, log, x_choices=X_CHOICES, bf16=True, suffix=""
 ):
@@ -144,19 +163,8 @@ def bench_update_config(
   for rn in runners:
     rows.append(
       {
-        "section": "update",
-        "config": cfg,
-        "model": model_name,
-        "layers": layers,
-        "total_layers": model.total_layers,
-        "rank": r,
-        "variant": rn.name,
-        "timed": "train step (update + apply_updates, params and state donated)",
-        "adapters": layers * len(model.linears),
+        **_train_step_row("update", cfg, model_name, model, layers, r, rn, meta[rn.name]),
         **res[rn.name],
-        "compile_s": rn.compile_s,
-        **meta[rn.name],
-        **timing.memory_stats(rn.compiled),
       }
     )
   base = res["adamw"]["median_ms"]
@@ -226,21 +234,10 @@ def bench_factored_config(model_name, layers, r, *, full, repeats, target_s, rou
     pooled = timing.summarise([t for m in measurements for t in m["times"][rn.name]])
     rows.append(
       {
-        "section": "factored",
-        "config": cfg,
-        "model": model_name,
-        "layers": layers,
-        "total_layers": model.total_layers,
-        "rank": r,
-        "variant": rn.name,
-        "timed": "train step (update + apply_updates, params and state donated)",
-        "adapters": layers * len(model.linears),
+        **_train_step_row("factored", cfg, model_name, model, layers, r, rn, meta[rn.name]),
         "sum_m_plus_n": layers * sum(i + o for _, i, o in model.linears),
         **pooled,  # over every call of every measurement
         "measurement_median_ms": [m["res"][rn.name]["median_ms"] for m in measurements],
-        "compile_s": rn.compile_s,
-        **meta[rn.name],
-        **timing.memory_stats(rn.compiled),
       }
     )
   ratios = []
