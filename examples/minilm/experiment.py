@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,10 +32,12 @@ METHODS = (
   "lorapro_full",
   "lorapro_fact",
   "lora_long",
+  "scaled_gd",
 )
 # The default run and the sweep: every method but the long LoRA run, which is a
-# reference for the harder configuration (--hard), not a competitor.
-DEFAULT_METHODS = tuple(m for m in METHODS if m != "lora_long")
+# reference for the harder configuration (--hard), not a competitor, and the
+# scaled-gradient comparator, which belongs to the study (study.py).
+DEFAULT_METHODS = tuple(m for m in METHODS if m not in ("lora_long", "scaled_gd"))
 LABELS = {
   "zero_shot": "Zero-shot",
   "full_ft": "Full FT",
@@ -44,8 +47,17 @@ LABELS = {
   "lorapro_full": "LoRA-Pro (full)",
   "lorapro_fact": "LoRA-Pro (factored)",
   "lora_long": "LoRA, long",  # Config.long_factor × the steps
+  "scaled_gd": "Scaled GD (Zhang & Pilanci)",
 }
-LORA_METHODS = ("lora", "rslora", "lorapro_eff", "lorapro_full", "lorapro_fact", "lora_long")
+LORA_METHODS = (
+  "lora",
+  "rslora",
+  "lorapro_eff",
+  "lorapro_full",
+  "lorapro_fact",
+  "lora_long",
+  "scaled_gd",
+)
 LORAPRO_MODES = {"lorapro_eff": "efficient", "lorapro_full": "full", "lorapro_fact": "factored"}
 
 # Learning-rate grids of the sweep: three values a half-decade apart per method
@@ -70,6 +82,7 @@ DEFAULT_LRS: dict[str, float] = {
   "lorapro_full": 3e-4,
   "lorapro_fact": 3e-4,
   "lora_long": 3e-3,  # LoRA's
+  "scaled_gd": 3e-3,  # LoRA's; the study tunes it
 }
 
 
@@ -111,6 +124,12 @@ class Config:
   modules: tuple[str, ...] | None = None  # restrict the stdlib modules (tests)
   chunk: int = 64  # batch size of the frozen-prefix and evaluation passes
   progress: bool = True
+  # What else a run trains besides its method's parameters (the study's
+  # decomposition of the full-FT gap): "extra" adds the trained layers' biases
+  # and LayerNorms to a LoRA method's adapters; "kernels" restricts full FT to
+  # the weight matrices. "" trains the method's own parameters only.
+  trainable: str = ""
+  scaled_gd_damping: float = 1e-6  # λ of the scaled-gradient comparator (PEFT's default)
 
   def __post_init__(self):
     unknown = set(self.methods) - set(METHODS)
@@ -123,6 +142,8 @@ class Config:
       raise ValueError("train_layers must be >= 1")
     if not self.long_factor >= 1:
       raise ValueError("long_factor must be >= 1")
+    if self.trainable not in ("", "extra", "kernels"):
+      raise ValueError(f"trainable must be '', 'extra' or 'kernels', got {self.trainable!r}")
 
   def run_steps(self, method: str) -> int:
     """Training steps of ``method``: ``steps``, or ``long_factor × steps`` for lora_long."""
@@ -144,7 +165,7 @@ class Config:
 # evaluation set every few steps. Full fine-tuning and LoRA differ there by more
 # than 3× the seed std of the paired difference (examples/minilm/RESULTS.md).
 HARD: dict = {
-  "methods": METHODS,
+  "methods": tuple(m for m in METHODS if m != "scaled_gd"),
   "seeds": (0, 1, 2),
   "train_layers": 2,
   "rank": 2,
@@ -256,8 +277,66 @@ def optimizer_kind(method: str) -> str:
   return kinds.get(method, method)
 
 
-def make_tx(method: str, scale: float, weight_decay: float) -> optax.GradientTransformation:
+class ScaledGradientState(NamedTuple):
+  """The scaled-gradient preconditioner keeps no state."""
+
+
+def scaled_gradient(damping: float = 1e-6) -> optax.GradientTransformation:
+  r"""The scaled-gradient (Riemannian) preconditioner of Zhang & Pilanci (ICML 2024).
+
+  In the paper's layout W = W0 + s·B·A it maps ``g_A ← (BᵀB + λI)⁻¹ g_A`` and
+  ``g_B ← g_B (AAᵀ + λI)⁻¹``. Here the adapters are ``lora_a`` (in, r) = Aᵀ and
+  ``lora_b`` (r, out) = Bᵀ, so ``g_a ← g_a (b bᵀ + λI)⁻¹`` and ``g_b ← (aᵀa + λI)⁻¹ g_b``.
+  Other leaves pass unchanged. A comparator for the study, not part of the library.
+
+  Args:
+    damping: λ (PEFT's ``create_riemannian_optimizer`` uses ``reg=1e-6``).
+
+  Returns:
+    An ``optax.GradientTransformation`` to chain before AdamW.
+
+  References:
+    Zhang & Pilanci, "Riemannian Preconditioned LoRA for Fine-Tuning Foundation
+    Models", ICML 2024.
+  """
+
+  def init_fn(params):
+    del params
+    return ScaledGradientState()
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError("scaled_gradient needs the parameters (pass params to update)")
+    flat, treedef = jax.tree_util.tree_flatten_with_path(updates)
+    pflat = dict((normalise_path(p), x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0])
+    out = []
+    for path, g in flat:
+      key = normalise_path(path)
+      if key[-1] in ("lora_a", "lora_b"):
+        a, b = pflat[key[:-1] + ("lora_a",)], pflat[key[:-1] + ("lora_b",)]
+        eye = jnp.eye(a.shape[-1], dtype=g.dtype)
+        if key[-1] == "lora_a":  # solve X (b bᵀ + λI) = g_a; the matrix is symmetric
+          g = jnp.linalg.solve(b @ b.T + damping * eye, g.T).T
+        else:
+          g = jnp.linalg.solve(a.T @ a + damping * eye, g)
+      out.append(g)
+    return jax.tree_util.tree_unflatten(treedef, out), state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def make_tx(
+  method: str, scale: float, weight_decay: float, damping: float = 1e-6
+) -> optax.GradientTransformation:
   """The method's optimizer with an injected (per-step) learning rate."""
+  if method == "scaled_gd":
+
+    def scaled_adamw(learning_rate):
+      return optax.chain(
+        scaled_gradient(damping), optax.adamw(learning_rate, weight_decay=weight_decay)
+      )
+
+    return optax.inject_hyperparams(scaled_adamw)(learning_rate=0.0)
   if method in ("full_ft", "lora", "rslora", "lora_long"):
     return optax.inject_hyperparams(optax.adamw, static_args=("weight_decay",))(
       learning_rate=0.0, weight_decay=weight_decay
@@ -311,12 +390,33 @@ def _norm(xs) -> jax.Array:
   return jnp.sqrt(sum(jnp.sum(x * x) for x in xs))
 
 
-def _loss_fn(graphdef, lora: bool, temperature: float):
+def _loss_fn(graphdef, temperature: float):
   def loss_fn(params, frozen, other, batch):
-    m = nnx.merge(graphdef, params, frozen, other) if lora else nnx.merge(graphdef, params, other)
+    m = nnx.merge(graphdef, params, frozen, other)
     return contrastive_loss(*m.embed_pair(*batch), temperature)
 
   return loss_fn
+
+
+def _is_kernel(path, x) -> bool:
+  del x
+  return bool(path) and path[-1] == "kernel"
+
+
+def trainable_filter(method: str, cfg: Config):
+  """The nnx filter of what ``method`` trains under ``cfg.trainable`` (see Config)."""
+  lora = method in LORA_METHODS
+  if cfg.trainable == "kernels":
+    if lora:
+      raise ValueError("trainable='kernels' restricts full fine-tuning; LoRA trains no kernel")
+    return nnx.All(nnx.Param, _is_kernel)
+  if not lora:
+    if cfg.trainable == "extra":
+      raise ValueError("trainable='extra' adds biases and LayerNorms to a LoRA method")
+    return nnx.Param
+  if cfg.trainable == "extra":  # the adapters, the biases and the LayerNorms
+    return nnx.Any(nnx.LoRAParam, nnx.All(nnx.Param, nnx.Not(_is_kernel)))
+  return nnx.LoRAParam
 
 
 class TrainFns:
@@ -331,12 +431,12 @@ class TrainFns:
 
   def __init__(self, method: str, cfg: Config, template: TopStack):
     self.lora = method in LORA_METHODS
-    if self.lora:
-      self.graphdef, _, _, _ = nnx.split(template, nnx.LoRAParam, nnx.Param, ...)
-    else:
-      self.graphdef, _, _ = nnx.split(template, nnx.Param, ...)
-    self.tx = tx = make_tx(method, method_scale(method, cfg), cfg.weight_decay)
-    loss_fn = self.loss_fn = _loss_fn(self.graphdef, self.lora, cfg.temperature)
+    self.trainable = trainable_filter(method, cfg)
+    self.graphdef, _, _, _ = nnx.split(template, self.trainable, nnx.Param, ...)
+    self.tx = tx = make_tx(
+      method, method_scale(method, cfg), cfg.weight_decay, cfg.scaled_gd_damping
+    )
+    loss_fn = self.loss_fn = _loss_fn(self.graphdef, cfg.temperature)
     lora = self.lora
 
     @jax.jit
@@ -359,17 +459,12 @@ class TrainFns:
     self.init_opt = jax.jit(tx.init)
 
   def split(self, top: TopStack):
-    if self.lora:
-      _, params, frozen, other = nnx.split(top, nnx.LoRAParam, nnx.Param, ...)
-    else:
-      _, params, other = nnx.split(top, nnx.Param, ...)
-      frozen = None
+    """(trained parameters, frozen parameters, other state) of ``top``."""
+    _, params, frozen, other = nnx.split(top, self.trainable, nnx.Param, ...)
     return params, frozen, other
 
   def merge(self, params, frozen, other) -> TopStack:
-    if self.lora:
-      return nnx.merge(self.graphdef, params, frozen, other)
-    return nnx.merge(self.graphdef, params, other)
+    return nnx.merge(self.graphdef, params, frozen, other)
 
 
 def make_probe(graphdef, cfg: Config):
@@ -385,7 +480,7 @@ def make_probe(graphdef, cfg: Config):
   ``gA_adj_norm``, ``gB_raw_norm``, ``gB_adj_norm``), for every LoRA method
   (for the LoRA-Pro runs the optimizer computes the same adjustment internally).
   """
-  loss_fn = _loss_fn(graphdef, True, cfg.temperature)
+  loss_fn = _loss_fn(graphdef, cfg.temperature)
 
   @jax.jit
   def probe(params, frozen, other, batch, scale):

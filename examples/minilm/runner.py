@@ -224,24 +224,31 @@ class Comparison:
 
   # ----------------------------------------------------------------- training
 
-  def fns(self, method: str, top: TopStack) -> TrainFns:
-    kind = optimizer_kind(method)
+  def fns(self, method: str, top: TopStack, cfg: Config | None = None) -> TrainFns:
+    cfg = cfg or self.cfg
+    kind = (optimizer_kind(method), cfg.rank, cfg.trainable)
     if kind not in self._fns:
-      self._fns[kind] = TrainFns(method, self.cfg, top)
+      self._fns[kind] = TrainFns(method, cfg, top)
     return self._fns[kind]
 
-  def probe(self, fns: TrainFns):
-    if self._probe is None:
-      self._probe = make_probe(fns.graphdef, self.cfg)
-    return self._probe
+  def probe(self, fns: TrainFns, cfg: Config | None = None):
+    cfg = cfg or self.cfg
+    key = (id(fns), cfg.train_layers)
+    if self._probe is None or self._probe[0] != key:
+      self._probe = (key, make_probe(fns.graphdef, cfg))
+    return self._probe[1]
 
-  def train(self, method: str, lr: float, seed: int) -> dict[str, Any]:
+  def train(self, method: str, lr: float, seed: int, cfg: Config | None = None) -> dict[str, Any]:
     """One run: losses, lrs and update sizes (``step_stats``) at every step, the
-    gradient probe (LoRA methods) every ``grad_every`` steps, metrics and times."""
-    cfg = self.cfg
+    gradient probe (LoRA methods) every ``grad_every`` steps, metrics and times.
+
+    ``cfg`` overrides the comparison's configuration for this run (rank, steps,
+    what is trained, evaluation period); the data and the frozen cache stay.
+    """
+    cfg = cfg or self.cfg
     t_start = time.perf_counter()
     top = make_top(method, cfg, self.base_state, self.model_cfg, seed)
-    fns = self.fns(method, top)
+    fns = self.fns(method, top, cfg)
     scale = jnp.asarray(method_scale(method, cfg), jnp.float32)
     params, frozen, other = fns.split(top)
     opt_state = fns.init_opt(params)
@@ -278,7 +285,7 @@ class Comparison:
     for step in bar:
       batch = enc.batch(self.train_row[order[step]])
       if fns.lora and cfg.grad_every and step % cfg.grad_every == 0:
-        pr = jax.device_get(self.probe(fns)(params, frozen, other, batch, scale))
+        pr = jax.device_get(self.probe(fns, cfg)(params, frozen, other, batch, scale))
         probes.append({"step": step, **{k: np.asarray(v).tolist() for k, v in pr.items()}})
       lr_t = schedule[step]
       params, opt_state, loss, stats = fns.step(params, frozen, other, opt_state, batch, lr_t)
