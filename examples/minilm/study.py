@@ -88,19 +88,18 @@ DECOMP = (
   ),
   ("lora_r8", Arm("lora_r8", "lora", rank=8), "lora"),
   ("lora_r32", Arm("lora_r32", "lora", rank=32), "lora"),
-  ("lorapro_fact_r8", Arm("lorapro_fact_r8", "lorapro_fact", rank=8), "lorapro_fact"),
   ("lora_x4", Arm("lora_x4", "lora", steps_factor=4), "lora"),
 )
 LONG_FACTOR = 8
 CAPACITY = Arm("lora_long", "lora", steps_factor=LONG_FACTOR, eval_every=60)
-CAPACITY_LRS = (3e-4, 1e-3, 3e-3)
+CAPACITY_LR_FACTORS = (1 / math.sqrt(10), 1.0)  # × LoRA's chosen lr: long runs favour smaller
 TANGENT_RANKS = (1, 2, 8, 32)
 ARMS = {a.name: a for a in COMPETITORS} | {a.name: a for _, a, _ in DECOMP}
 ARMS[CAPACITY.name] = CAPACITY
 for _r in TANGENT_RANKS:
   for _m in ("lora", "lorapro_fact"):
     ARMS[f"{_m}_probe_r{_r}"] = Arm(f"{_m}_probe_r{_r}", _m, rank=_r, grad_every=20)
-PHASES = ("grid", "seeds", "paper", "decomp", "capacity", "tangent")
+PHASES = ("grid", "seeds", "paper", "decomp", "tangent", "capacity")
 
 
 def base_config(**overrides) -> Config:
@@ -227,8 +226,8 @@ def plan(store: Store, phase: str) -> list[tuple[Arm, float, int]]:
     todo = [(a, lrs["full_ft"], s) for a in COMPETITORS if a.name != "full_ft" for s in SEEDS[1:]]
   elif phase == "decomp":
     todo = [(a, lrs[parent], s) for _, a, parent in DECOMP if lrs[parent] for s in SEEDS]
-  elif phase == "capacity":
-    todo = [(CAPACITY, lr, 0) for lr in CAPACITY_LRS]
+  elif phase == "capacity" and lrs["lora"]:
+    todo = [(CAPACITY, float(f"{lrs['lora'] * f:.3g}"), 0) for f in CAPACITY_LR_FACTORS]
   elif phase == "tangent":
     for r in TANGENT_RANKS:
       for m in ("lora", "lorapro_fact"):
