@@ -130,6 +130,9 @@ class Config:
   # the weight matrices. "" trains the method's own parameters only.
   trainable: str = ""
   scaled_gd_damping: float = 1e-6  # λ of the scaled-gradient comparator (PEFT's default)
+  # "contrastive": InfoNCE on code search; "distill": match a teacher's embeddings
+  # (the study's optimisation-limited task; batches then carry the targets).
+  objective: str = "contrastive"
 
   def __post_init__(self):
     unknown = set(self.methods) - set(METHODS)
@@ -142,6 +145,8 @@ class Config:
       raise ValueError("train_layers must be >= 1")
     if not self.long_factor >= 1:
       raise ValueError("long_factor must be >= 1")
+    if self.objective not in ("contrastive", "distill"):
+      raise ValueError(f"objective must be 'contrastive' or 'distill', got {self.objective!r}")
     if self.trainable not in ("", "extra", "kernels"):
       raise ValueError(f"trainable must be '', 'extra' or 'kernels', got {self.trainable!r}")
 
@@ -390,9 +395,16 @@ def _norm(xs) -> jax.Array:
   return jnp.sqrt(sum(jnp.sum(x * x) for x in xs))
 
 
-def _loss_fn(graphdef, temperature: float):
+def distill_loss(q: jax.Array, d: jax.Array, tq: jax.Array, td: jax.Array) -> jax.Array:
+  """Mean squared distance to the teacher's (unit) embeddings, queries and documents."""
+  return 0.5 * (jnp.mean(jnp.sum((q - tq) ** 2, -1)) + jnp.mean(jnp.sum((d - td) ** 2, -1)))
+
+
+def _loss_fn(graphdef, temperature: float, objective: str = "contrastive"):
   def loss_fn(params, frozen, other, batch):
     m = nnx.merge(graphdef, params, frozen, other)
+    if objective == "distill":  # batch: (hq, mq, hd, md, teacher q, teacher d)
+      return distill_loss(*m.embed_pair(*batch[:4]), *batch[4:])
     return contrastive_loss(*m.embed_pair(*batch), temperature)
 
   return loss_fn
@@ -436,7 +448,7 @@ class TrainFns:
     self.tx = tx = make_tx(
       method, method_scale(method, cfg), cfg.weight_decay, cfg.scaled_gd_damping
     )
-    loss_fn = self.loss_fn = _loss_fn(self.graphdef, cfg.temperature)
+    loss_fn = self.loss_fn = _loss_fn(self.graphdef, cfg.temperature, cfg.objective)
     lora = self.lora
 
     @jax.jit

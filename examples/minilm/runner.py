@@ -226,7 +226,7 @@ class Comparison:
 
   def fns(self, method: str, top: TopStack, cfg: Config | None = None) -> TrainFns:
     cfg = cfg or self.cfg
-    kind = (optimizer_kind(method), cfg.rank, cfg.trainable)
+    kind = (optimizer_kind(method), cfg.rank, cfg.trainable, cfg.objective)
     if kind not in self._fns:
       self._fns[kind] = TrainFns(method, cfg, top)
     return self._fns[kind]
