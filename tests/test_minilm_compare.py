@@ -63,7 +63,8 @@ def test_parse_args_default_and_sweep():
 
 def test_parse_args_hard_preset():
   cfg, a = compare.parse_args(["--hard"])
-  assert cfg.methods == experiment.METHODS and cfg.seeds == (0, 1, 2)
+  assert cfg.methods == experiment.HARD["methods"] and cfg.seeds == (0, 1, 2)
+  assert "scaled_gd" not in cfg.methods  # the study's comparator
   for name, value in experiment.HARD.items():
     if name not in ("methods", "seeds"):
       assert getattr(cfg, name) == value, name

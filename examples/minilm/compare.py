@@ -39,7 +39,9 @@ _HELP = {
   "full-sweep": "the lr grid SWEEP_LRS on seed 0, lr chosen on validation MRR, "
   "then seeds 1,2 at the chosen lr",
   "hard": "the harder configuration (experiment.HARD): "
-  + ", ".join(f"{k.replace('_', '-')} {v if k != 'methods' else 'all'}" for k, v in HARD.items())
+  + ", ".join(
+    f"{k.replace('_', '-')} {v if k != 'methods' else 'all but scaled_gd'}" for k, v in HARD.items()
+  )
   + "; flags given explicitly override it",
   "methods": f"comma list from {','.join(METHODS)} (default: all but lora_long)",
   "lrs": "learning rates for every method, or per method (e.g. lora=1e-3,3e-3 full_ft=1e-4)",

@@ -247,7 +247,7 @@ def plan(store: Store, phase: str) -> list[tuple[Arm, float, int]]:
   elif phase == "tangent":
     for r in TANGENT_RANKS:
       for m in ("lora", "lorapro_fact"):
-        if lrs[m]:
+        if lrs.get(m):
           todo.append((ARMS[f"{m}_probe_r{r}"], lrs[m], 0))
   return [(a, lr, s) for a, lr, s in todo if not store.has(a.name, lr, s)]
 
