@@ -147,7 +147,7 @@ def test_store_resumes_and_plans_the_next_phase(tmp_path):
   ]
   paper = study.plan(again, "paper")  # every other method at full FT's lr
   assert {lr for _, lr, _ in paper} == {full.grid[2]}
-  assert len(paper) == (len(study.COMPETITORS) - 1) * (len(study.SEEDS) - 1)
+  assert len(paper) == (len(study.COMPETITORS) - 1) * (len(study.PAPER_SEEDS) - 1)
   # A diverged run (no metrics) is never chosen.
   store.add({**_run("lora", 1e-2, 0, loss=0.0), "metrics": {}})
   assert math.isinf(study.final(store.runs[-1], "train_loss"))
@@ -170,9 +170,10 @@ def test_every_phase_on_a_tiny_configuration(tmp_path, monkeypatch):
     study, "TEACHER", (arm("teacher_lora", "lora", (1e-4, 1e-3, 1e-2), objective="distill"),)
   )
   monkeypatch.setattr(study, "DECOMP", (("lora_extra", study.ARMS["lora_extra"], "lora"),))
-  monkeypatch.setattr(study, "SEEDS", (0, 1))
+  for name in ("SEEDS", "PAPER_SEEDS", "DECOMP_SEEDS"):
+    monkeypatch.setattr(study, name, (0, 1))
   monkeypatch.setattr(study, "TEACHER_SEEDS", (0, 1))
-  monkeypatch.setattr(study, "TANGENT_RANKS", (1,))
+  monkeypatch.setattr(study, "TANGENT_RANKS", (2,))
   monkeypatch.setattr(study, "CAPACITY_LR_FACTORS", (1.0,))
   monkeypatch.setattr(study, "LONG_FACTOR", 2)
   monkeypatch.setattr(study, "CAPACITY", arm("lora_long", "lora", steps_factor=2, eval_every=2))
@@ -180,7 +181,7 @@ def test_every_phase_on_a_tiny_configuration(tmp_path, monkeypatch):
   monkeypatch.setitem(study.ARMS, "teacher_lora", study.TEACHER[0])
   for a in study.COMPETITORS:
     monkeypatch.setitem(study.ARMS, a.name, a)
-  probe = {k: v for k, v in study.ARMS.items() if "_probe_r" in k and k.endswith("_r1")}
+  probe = {k: v for k, v in study.ARMS.items() if "_probe_r" in k and k.endswith("_r2")}
   monkeypatch.setattr(
     study, "ARMS", {k: v for k, v in study.ARMS.items() if "_probe_r" not in k} | probe
   )
@@ -199,7 +200,7 @@ def test_every_phase_on_a_tiny_configuration(tmp_path, monkeypatch):
   )
   store = study.run_phases(study.PHASES, tmp_path, base, log=lambda s: None)
   arms = {r["arm"] for r in store.runs}
-  assert arms >= {"full_ft", "lora", "lora_extra", "teacher_lora", "lora_long", "lora_probe_r1"}
+  assert arms >= {"full_ft", "lora", "lora_extra", "teacher_lora", "lora_long", "lora_probe_r2"}
   assert all(math.isfinite(study.final(r, "train_loss")) for r in store.runs if r["lr"] < 1e-2)
   assert all(r["commit"] for r in store.runs)
   # Resuming does nothing more.
@@ -217,8 +218,8 @@ def test_every_phase_on_a_tiny_configuration(tmp_path, monkeypatch):
   s = json.loads((tmp_path / "study_summary.json").read_text())
   assert s["own_lr"]["lora"]["seeds"] == [0, 1] and "vs_lora" in s["own_lr"]["full_ft"]
   assert s["decomposition"]["lora_extra"]["closure_of_full_ft_gap"] is not None
-  assert s["tangent"]["lora_probe_r1"]["share"] and all(
-    0 <= x <= 1 + 1e-3 for x in s["tangent"]["lora_probe_r1"]["share"]
+  assert s["tangent"]["lora_probe_r2"]["share"] and all(
+    0 <= x <= 1 + 1e-3 for x in s["tangent"]["lora_probe_r2"]["share"]
   )
   for shares in s["full_ft_spectrum"]["delta"] + s["full_ft_spectrum"]["update"]:
     assert all(0 < a <= b <= 1 + 1e-9 for a, b in zip(shares, shares[1:]))  # grows with r

@@ -33,6 +33,7 @@ COLORS = {
   "lorapro_full": "tab:red",
   "lorapro_fact": "tab:green",
   "lora_long": "tab:purple",
+  "scaled_gd": "tab:brown",
 }
 
 

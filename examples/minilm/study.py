@@ -38,6 +38,10 @@ from lorapro_jax.pairs import normalise_path
 # full FT, so the gap is optimisation rather than capacity (issue 17).
 SETTING: dict[str, Any] = {"train_layers": 2, "rank": 2, "steps": 120}
 SEEDS = (0, 1, 2, 3, 4)
+# Fewer seeds where the 2-core budget of one session runs out (issue 17 asks for
+# 5; the study says where it has fewer): protocol (b), the decomposition, the teacher.
+PAPER_SEEDS = (0, 1, 2)
+DECOMP_SEEDS = (0, 1, 2)
 HALF_DECADE = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 LOW = (3e-5, 1e-4, 3e-4, 1e-3, 3e-3)
 
@@ -89,13 +93,12 @@ DECOMP = (
     "lorapro_fact",
   ),
   ("lora_r8", Arm("lora_r8", "lora", rank=8), "lora"),
-  ("lora_r32", Arm("lora_r32", "lora", rank=32), "lora"),
   ("lora_x4", Arm("lora_x4", "lora", steps_factor=4), "lora"),
 )
 LONG_FACTOR = 8
 CAPACITY = Arm("lora_long", "lora", steps_factor=LONG_FACTOR, eval_every=60)
 CAPACITY_LR_FACTORS = (1 / math.sqrt(10), 1.0)  # × LoRA's chosen lr: long runs favour smaller
-TANGENT_RANKS = (1, 2, 8, 32)
+TANGENT_RANKS = (2, 8)
 # The teacher task: the LoRA-type methods (LoRA-Pro full mode trains like the
 # factored mode, within 1% on every problem measured, and is left out for time).
 TEACHER = tuple(
@@ -110,7 +113,7 @@ ARMS.update({a.name: a for a in TEACHER})
 for _r in TANGENT_RANKS:
   for _m in ("lora", "lorapro_fact"):
     ARMS[f"{_m}_probe_r{_r}"] = Arm(f"{_m}_probe_r{_r}", _m, rank=_r, grad_every=20)
-PHASES = ("grid", "seeds", "paper", "decomp", "teacher", "tangent", "capacity")
+PHASES = ("grid", "seeds", "paper", "teacher", "decomp", "tangent", "capacity")
 
 
 def base_config(**overrides) -> Config:
@@ -234,9 +237,11 @@ def plan(store: Store, phase: str) -> list[tuple[Arm, float, int]]:
   elif phase == "seeds":
     todo = [(a, lrs[a.name], s) for a in COMPETITORS if lrs[a.name] for s in SEEDS[1:]]
   elif phase == "paper" and lrs["full_ft"]:
-    todo = [(a, lrs["full_ft"], s) for a in COMPETITORS if a.name != "full_ft" for s in SEEDS[1:]]
+    todo = [
+      (a, lrs["full_ft"], s) for a in COMPETITORS if a.name != "full_ft" for s in PAPER_SEEDS[1:]
+    ]
   elif phase == "decomp":
-    todo = [(a, lrs[parent], s) for _, a, parent in DECOMP if lrs[parent] for s in SEEDS]
+    todo = [(a, lrs[parent], s) for _, a, parent in DECOMP if lrs[parent] for s in DECOMP_SEEDS]
   elif phase == "capacity" and lrs["lora"]:
     todo = [(CAPACITY, float(f"{lrs['lora'] * f:.3g}"), 0) for f in CAPACITY_LR_FACTORS]
   elif phase == "teacher" and lrs["full_ft"]:

@@ -33,7 +33,6 @@ ARM_LABELS = {a.name: LABELS[a.method] for a in study.COMPETITORS} | {
   "lora_extra": "LoRA + biases/LayerNorms",
   "lorapro_fact_extra": "LoRA-Pro (factored) + biases/LayerNorms",
   "lora_r8": "LoRA, r = 8",
-  "lora_r32": "LoRA, r = 32",
   "lora_x4": "LoRA, 4× the steps",
   "lora_long": f"LoRA, {study.LONG_FACTOR}× the steps",
 }
@@ -137,7 +136,7 @@ def summarize(out: Path) -> dict:
   s["own_lr"] = protocol(store, study.COMPETITORS, study.SEEDS, lambda a: lrs[a.name])
   if lrs["full_ft"]:
     s["paper_lr"] = protocol(
-      store, study.COMPETITORS, study.SEEDS, lambda a: lrs["full_ft"], grids=False
+      store, study.COMPETITORS, study.PAPER_SEEDS, lambda a: lrs["full_ft"], grids=False
     )
   own = s["own_lr"]
   if "lora" in own and "full_ft" in own:
@@ -145,7 +144,7 @@ def summarize(out: Path) -> dict:
     s["decomposition"] = {}
     for name, arm, parent in study.DECOMP:
       if lrs[parent] and store.of(arm.name, lrs[parent]):
-        b = arm_block(store, name, lrs[parent], study.SEEDS, ref)
+        b = arm_block(store, name, lrs[parent], study.DECOMP_SEEDS, ref)
         b["closure_of_full_ft_gap"] = closure(b, ref, own["full_ft"])
         s["decomposition"][name] = b
     for b in own.values():
