@@ -7,6 +7,8 @@ that each add runs:
 * ``grid``: every competing arm on its own lr grid, seed 0 (protocol (c)).
 * ``seeds``: every arm at its chosen lr, the other seeds (protocol (a)).
 * ``paper``: every arm at full FT's chosen lr, the other seeds (protocol (b)).
+* ``heldout``: full FT, LoRA and factored at their validation-loss lr, the other seeds.
+* ``teacher``: the optimisation-limited task of teacher.py, grids then seeds.
 * ``decomp``: the shares of the full-FT gap: biases and LayerNorms, rank, length.
 * ``capacity``: long LoRA runs at several lrs until the loss plateaus.
 * ``tangent``: the rank sweep with the gradient probe and the full-FT update's spectrum.
@@ -113,7 +115,10 @@ ARMS.update({a.name: a for a in TEACHER})
 for _r in TANGENT_RANKS:
   for _m in ("lora", "lorapro_fact"):
     ARMS[f"{_m}_probe_r{_r}"] = Arm(f"{_m}_probe_r{_r}", _m, rank=_r, grad_every=20)
-PHASES = ("grid", "seeds", "paper", "teacher", "decomp", "tangent", "capacity")
+# Held-out selection: these arms also run at the lr with the lowest seed-0
+# validation loss (full FT overfits the training pairs at its train-loss lr).
+HELDOUT_ARMS = ("full_ft", "lora", "lorapro_fact")
+PHASES = ("grid", "seeds", "paper", "heldout", "teacher", "decomp", "tangent", "capacity")
 
 
 def base_config(**overrides) -> Config:
@@ -240,6 +245,11 @@ def plan(store: Store, phase: str) -> list[tuple[Arm, float, int]]:
     todo = [
       (a, lrs["full_ft"], s) for a in COMPETITORS if a.name != "full_ft" for s in PAPER_SEEDS[1:]
     ]
+  elif phase == "heldout":
+    for a in COMPETITORS:
+      lr = chosen_lr(store, a, key="val_loss")
+      if a.name in HELDOUT_ARMS and lr:
+        todo += [(a, lr, s) for s in SEEDS[1:]]
   elif phase == "decomp":
     todo = [(a, lrs[parent], s) for _, a, parent in DECOMP if lrs[parent] for s in DECOMP_SEEDS]
   elif phase == "capacity" and lrs["lora"]:

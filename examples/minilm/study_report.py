@@ -134,6 +134,10 @@ def summarize(out: Path) -> dict:
     "statistics": __doc__.split("Statistics: ")[1].strip(),
   }
   s["own_lr"] = protocol(store, study.COMPETITORS, study.SEEDS, lambda a: lrs[a.name])
+  vlrs = {a.name: study.chosen_lr(store, a, key="val_loss") for a in study.COMPETITORS}
+  held = [a for a in study.COMPETITORS if a.name in study.HELDOUT_ARMS]
+  if all(vlrs[a.name] for a in held):
+    s["own_lr_validation"] = protocol(store, held, study.SEEDS, lambda a: vlrs[a.name], grids=False)
   if lrs["full_ft"]:
     s["paper_lr"] = protocol(
       store, study.COMPETITORS, study.PAPER_SEEDS, lambda a: lrs["full_ft"], grids=False
@@ -276,6 +280,9 @@ def tables(s: dict) -> str:
   if s.get("own_lr"):
     lines += grid_table(s["own_lr"], "Learning-rate grids (protocol c)")
     lines += protocol_table(s["own_lr"], "Protocol (a): each method at its own tuned lr")
+  if s.get("own_lr_validation"):
+    title = "Protocol (a), lr chosen on validation loss instead (seed 0)"
+    lines += protocol_table(s["own_lr_validation"], title)
   if s.get("paper_lr"):
     lines += protocol_table(s["paper_lr"], "Protocol (b): every method at full FT's tuned lr")
   if s.get("decomposition"):
