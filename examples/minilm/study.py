@@ -332,9 +332,13 @@ def make_distill(comp: Comparison, base: Config, store: Store, out: Path, commit
 
 
 def energy_shares(x: np.ndarray, ranks: Sequence[int]) -> list[float]:
-  """Share of ‖x‖_F² in its top-r singular directions: the largest share of x that
-  any rank-r LoRA tangent space {B·Y + X·A} can hold (with B, A spanning x's top-r
-  singular vectors the rest of x is orthogonal to the space)."""
+  """Share of ‖x‖_F² in its top-k singular directions, for each k in ``ranks``.
+
+  A rank-r LoRA tangent space {B·Y + X·A} holds at most the top-2r share of x:
+  with col(B) the top r left singular vectors and row(A) the next r right ones,
+  only (I − P_B)·x·(I − P_A) = the components beyond 2r are left out, and no
+  pair of rank-r projectors leaves out less. So read r's bound at k = 2r.
+  """
   s2 = np.linalg.svd(np.asarray(x, np.float64), compute_uv=False) ** 2
   total = s2.sum()
   if total == 0:
