@@ -386,12 +386,14 @@ def figures(s: dict, out: Path) -> list[Path]:
   return paths
 
 
-def write(out: Path) -> list[Path]:
+def write(out: Path, summary_path: Path | None = None) -> list[Path]:
+  """The results files of the runs in ``out``; the summary at ``summary_path``
+  (default ``out/study_summary.json``)."""
   out = Path(out)
   if not (out / "runs.jsonl").exists():
     return []
   s = summarize(out)
-  p1 = out / "study_summary.json"
+  p1 = Path(summary_path or out / "study_summary.json")
   p1.write_text(json.dumps(s, indent=1, default=float))
   p2 = out / "tables.md"
   p2.write_text(tables(s))
