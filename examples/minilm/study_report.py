@@ -232,14 +232,14 @@ def _diff(p: dict) -> str:
 def protocol_table(block: dict, title: str) -> list[str]:
   lines = [f"### {title}", ""]
   head = "| method | lr | interior | " + " | ".join(METRIC_LABELS[m] for m in METRICS)
-  lines += [head + " | Δ train loss vs LoRA | Δ validation loss vs LoRA |"]
-  lines += ["|" + "---|" * (len(METRICS) + 5)]
+  lines += [head + " | Δ train loss vs LoRA | Δ validation loss vs LoRA | Δ test MRR vs LoRA |"]
+  lines += ["|" + "---|" * (len(METRICS) + 6)]
   for name, b in block.items():
     interior = {True: "yes", False: "**no**", None: "—"}[b.get("interior")]
     row = [ARM_LABELS.get(name, name), f"{b['lr']:g}", interior]
     row += [_ms(b["mean_std"][m]) for m in METRICS]
     vs = b.get("vs_lora")
-    row += [_diff(vs["train_loss"]), _diff(vs["val_loss"])] if vs else ["—", "—"]
+    row += [_diff(vs[m]) for m in ("train_loss", "val_loss", "test_mrr")] if vs else ["—"] * 3
     lines.append("| " + " | ".join(row) + " |")
   n = max((len(b["seeds"]) for b in block.values()), default=0)
   lines += ["", f"Seeds: {n} per row (see the per-seed values in study_summary.json).", ""]
