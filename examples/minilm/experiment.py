@@ -49,15 +49,7 @@ LABELS = {
   "lora_long": "LoRA, long",  # Config.long_factor × the steps
   "scaled_gd": "Scaled GD (Zhang & Pilanci)",
 }
-LORA_METHODS = (
-  "lora",
-  "rslora",
-  "lorapro_eff",
-  "lorapro_full",
-  "lorapro_fact",
-  "lora_long",
-  "scaled_gd",
-)
+LORA_METHODS = tuple(m for m in METHODS if m not in ("zero_shot", "full_ft"))
 LORAPRO_MODES = {"lorapro_eff": "efficient", "lorapro_full": "full", "lorapro_fact": "factored"}
 
 # Learning-rate grids of the sweep: three values a half-decade apart per method
