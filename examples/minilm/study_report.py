@@ -359,7 +359,8 @@ def figures(s: dict, out: Path) -> list[Path]:
       ax.set_xscale("log")
       ax.set_yscale("log")
       ax.set_xlabel("peak learning rate")
-      ax.set_ylabel(METRIC_LABELS[m] + " (seed 0)")
+      what = METRIC_LABELS[m] if key == "own_lr" else f"{m.split('_')[0]} distance to the teacher"
+      ax.set_ylabel(what + " (seed 0)")
       ax.grid(alpha=0.3)
     axes[0].set_title(f"MiniLM {title}: final loss against lr")
     axes[1].legend(fontsize=7)
