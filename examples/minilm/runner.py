@@ -102,7 +102,7 @@ class Comparison:
 
     self._embed = embed
     self._fns: dict[str, TrainFns] = {}
-    self._probe = None
+    self._probes: dict[tuple[int, int], Callable] = {}  # (id of a cached TrainFns, layers)
     self._baseline: dict[tuple[int, int], list[float]] = {}
     self._baseline_fn = None
     self._fixed_start: dict[str, float] | None = None
@@ -234,9 +234,9 @@ class Comparison:
   def probe(self, fns: TrainFns, cfg: Config | None = None):
     cfg = cfg or self.cfg
     key = (id(fns), cfg.train_layers)
-    if self._probe is None or self._probe[0] != key:
-      self._probe = (key, make_probe(fns.graphdef, cfg))
-    return self._probe[1]
+    if key not in self._probes:  # one per train step kind: runs of two kinds alternate
+      self._probes[key] = make_probe(fns.graphdef, cfg)
+    return self._probes[key]
 
   def train(self, method: str, lr: float, seed: int, cfg: Config | None = None) -> dict[str, Any]:
     """One run: losses, lrs and update sizes (``step_stats``) at every step, the

@@ -94,7 +94,7 @@ class DistillComparison(Comparison):
 
   def __init__(self, comp: Comparison, teacher: nnx.State):
     self.__dict__.update(comp.__dict__)
-    self._fns, self._probe, self._baseline, self._fixed_start = {}, None, {}, None
+    self._fns, self._probes, self._baseline, self._fixed_start = {}, {}, {}, None
     enc = comp.data["train"]
     self.data = dict(comp.data)
     self.data["train"] = Targeted(enc.hq, enc.mq, enc.hd, enc.md, *self.embed_split(teacher, enc))
