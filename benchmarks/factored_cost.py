@@ -130,11 +130,14 @@ def stack_frames(text: str) -> dict:
   return out
 
 
-_NAMED = ("moment_projection", "row_sq", "col_sq", "lora_gradients", "equivalent_gradient")
+_PLUMBING = {"step", "<lambda>", "_raw_plan", "raw", "normalised"}
 
 
 def stage(chain) -> str:
-  """A readable stage of the algorithm for a kernel's source stack (innermost first)."""
+  """A readable stage of the algorithm for a kernel's source stack (innermost first):
+  the outermost function of `full` or `factored` below its plumbing (e.g.
+  ``factored.grams``, ``factored._outputs``, ``factored._normalised``), else
+  ``batched.adjust`` and the line that called it, else optax's function."""
   chain = [c for c in chain or [] if c and c[0]]
   lib = [c for c in chain if "/lorapro_jax/" in c[0]]
   if not lib:  # optax (AdamW, apply_updates) or the step itself
@@ -142,16 +145,14 @@ def stage(chain) -> str:
     c = opt[0] if opt else (chain[0] if chain else None)
     return f"optax:{c[1].split('.<locals>')[0]}" if opt else (c[1] if c else "other")
   base = lambda c: os.path.basename(c[0])[: -len(".py")]
-  moments = [c for c in lib if base(c) == "moments"]
-  if moments:
-    outer = moments[-1][1]
-    inner = next((c[1] for c in moments if c[1] in _NAMED), None)
-    if outer == "moment_projection" or inner is None or inner == outer:
-      return f"moments.{outer}"
-    return f"moments.{outer}/{inner}"
+  modes = [c for c in lib if base(c) in ("full", "factored")]
+  for c in reversed(modes):  # outermost first
+    name = c[1].split(".<locals>")[0].split(".")[-1]
+    if name not in _PLUMBING:
+      return f"{base(c)}.{name}"
   if any(base(c) == "batched" and c[1] == "adjust" for c in lib):
-    call = next((c for c in reversed(lib) if base(c) == "transform"), None)
-    return f"batched.adjust@transform.py:{call[2]}" if call else "batched.adjust"
+    call = next((c for c in reversed(lib) if base(c) in ("transform", "full")), None)
+    return f"batched.adjust@{base(call)}.py:{call[2]}" if call else "batched.adjust"
   outer = lib[-1]
   return f"{base(outer)}.{outer[1].split('.<locals>')[0]}"
 

@@ -4,7 +4,8 @@ Modules, from the math outwards:
   equations:   the paper's equations for one pair, on r×r matrices (pure).
   layout:      the products with the tall factors, on the stored layout.
   batched:     Theorem 2.1 for every pair, the r×r work batched per rank.
-  moments:     the moments of the equivalent gradient: full and factored modes.
+  full:        Algorithm 3: Adam moments of each m×n equivalent gradient.
+  factored:    Algorithm 3 at LoRA's memory, on Gram matrices of the factors.
   pairs:       finding LoRA (A, B) pairs in a pytree; the pair index.
   sharding:    shardings of the per-pair state on a device mesh.
   transform:   the optax transformations.
@@ -12,17 +13,14 @@ Modules, from the math outwards:
 """
 
 from lorapro_jax.diagnostics import equivalent_gradients
-from lorapro_jax.moments import (
-  FactoredMoments,
-  FactoredSecondMoment,
-  FullMoments,
-  ScaleByLoraProState,
-)
+from lorapro_jax.factored import FactoredMoments, FactoredSecondMoment
+from lorapro_jax.full import FullMoments
 from lorapro_jax.pairs import FLAX_NNX, PEFT, QWIX, LoRAPair, LoRASpec, find_pairs
 from lorapro_jax.sharding import full_moment_shardings, moment_shardings, state_shardings
 from lorapro_jax.transform import (
   DEFAULT_DAMPING,
   LoraProWeightDecayState,
+  ScaleByLoraProState,
   add_lorapro_weight_decay,
   lorapro,
   lorapro_adamw,

@@ -118,10 +118,10 @@ def _split(x: Array, sizes: Sequence[int]) -> list[Array]:
   return [x[a : a + k] for a, k in zip(starts, sizes)]
 
 
-def _eighs(prods: _Products, damping) -> tuple[eq.DampedEig, eq.DampedEig]:
+def _eighs(prods: _Products, damping, order) -> tuple[eq.DampedEig, eq.DampedEig]:
   """Both Gram matrices of every slice in one batched `eigh`."""
   n = prods.G_A.shape[0]
-  eig = eq.damped_eigh(jnp.concatenate([prods.G_A, prods.G_B], 0), damping)
+  eig = order.eigh(jnp.concatenate([prods.G_A, prods.G_B], 0), damping)
   return eq.DampedEig(eig.w[:n], eig.Q[:n]), eq.DampedEig(eig.w[n:], eig.Q[n:])
 
 
@@ -134,8 +134,8 @@ _vmap_normalise = jax.vmap(eq.normalise)
 _vmap_coefficients = jax.vmap(eq.coefficients, in_axes=(0, 0, 0, 0, 0, None, 0))
 
 
-def _coefficients(prods: _Products, s, x_choice, damping, ratio) -> eq.Coefficients:
-  eig_A, eig_B = _eighs(prods, damping)
+def _coefficients(prods: _Products, s, x_choice, damping, ratio, order) -> eq.Coefficients:
+  eig_A, eig_B = _eighs(prods, damping, order)
   return _vmap_coefficients(prods.C_A, prods.C_B, eig_A, eig_B, s, x_choice, ratio)
 
 
@@ -193,8 +193,8 @@ def _raw_outputs(ps: Sequence[LeafPair], coef: eq.Coefficients) -> list[tuple[Ar
 def _normalised_outputs(
   ps: Sequence[LeafPair], x_choice: XChoice, damping
 ) -> tuple[list[tuple[Array, Array]], Array]:
-  """Theorem 2.1 on normalised factors and gradients (the fallback), and an exact
-  0 from its coefficients (`_zero_of`).
+  """Theorem 2.1 on normalised factors and gradients (the fallback), and a
+  `EighOrder.token` of its coefficients.
 
   The map is linear in the gradients: each slice's gradients are divided by
   their largest entry γ, and γ and the factors' scales α, β are applied last,
@@ -214,7 +214,7 @@ def _normalised_outputs(
     prods.append(_products(p.layout, A.hat, B.hat, g_A, g_B))
   prods = _Products(*(_cat(x) for x in zip(*prods)))
   ratio = _cat([eq.divide(B.scale, A.scale) ** 2 for A, B, *_ in hats])
-  coef = _coefficients(prods, _cat([p.s for p in ps]), x_choice, damping, ratio)
+  coef = _coefficients(prods, _cat([p.s for p in ps]), x_choice, damping, ratio, EighOrder())
 
   out = []
   for p, (A, B, g_A, g_B, gamma, finite), (M1, M3, P, Z) in zip(
@@ -228,7 +228,7 @@ def _normalised_outputs(
       lo.right(L, B.hat, Z), c, a, d
     )
     out.append(tuple(jnp.where(col(finite), eq.saturate(x), jnp.nan) for x in (out_A, out_B)))
-  return out, _zero_of(coef)
+  return out, EighOrder.token(coef.M1)
 
 
 def stack_groups(
@@ -282,8 +282,8 @@ def record_paths() -> Iterator[list[bool]]:
   """Test hook: which path compiled code takes.
 
   Code traced inside the block appends, each time it runs, True (raw) or
-  False (normalised) for every rank bucket of every `adjust` call, in the
-  order the buckets run.
+  False (normalised) for every rank bucket of every `adjust` call and every
+  group of a factored or full step, in the order they run.
   """
   global _path_log
   previous, _path_log = _path_log, []
@@ -293,76 +293,106 @@ def record_paths() -> Iterator[list[bool]]:
     _path_log = previous
 
 
-def _log_path(raw):
+def log_path(raw) -> None:
+  """Logs, when compiled code runs inside `record_paths`, whether a group took the
+  raw path (True) or the normalised one."""
+  if _path_log is not None:
+    jax.debug.callback(_append_path, raw)
+
+
+def _append_path(raw):
   if _path_log is not None:
     _path_log.append(bool(raw))
 
 
-def _adjust_bucket(ps: Sequence[LeafPair], x_choice, damping, record, zero=0.0) -> tuple:
-  """`adjust` for pairs of one rank and dtype, and an exact 0 computed last (see
-  `_zero_of`); ``zero`` is added to the `eigh` input."""
+# Whether the `eigh`s of one step run one after another (`EighOrder`). None: on
+# XLA:CPU only, where the deadlock below happens; True or False forces it.
+serial_eigh: bool | None = None
+
+
+class EighOrder:
+  """The `eigh`s of one step, made to run one after another on XLA:CPU.
+
+  jaxlib's CPU `eigh` splits a large batch into chunks on XLA's intra-op pool
+  and waits for them: two such calls at once on a pool of two threads waited
+  for each other forever (the factored mode's step at Llama-2-7B r = 32 on a
+  2-core CPU). Each `eigh` input gets an exact 0 added that depends on the end
+  of the previous computation that may contain an `eigh`: a `jax.lax.cond`
+  whose branches return `token` of their last result (`wait_for`). The 0 must
+  be formed inside the branches: outside, XLA sees that fmin(|x|, 0) is 0 and
+  drops the dependency, and an optimization barrier does not survive to
+  XLA:CPU's schedule. Off on other backends (`serial_eigh`).
+  """
+
+  def __init__(self, zero: Array | None = None):
+    self.zero = zero
+    self._on = jax.default_backend() == "cpu" if serial_eigh is None else serial_eigh
+
+  @staticmethod
+  def token(x: Array) -> Array:
+    """An exact 0 that depends on ``x`` (for every value, NaN included): one entry
+    of a small array, replicated on a mesh, so taking it moves nothing."""
+    return jnp.fmin(jnp.abs(jnp.ravel(x)[0]), 0)
+
+  def wait_for(self, token: Array) -> None:
+    """The next `eigh` starts after ``token`` (`token`, returned by a cond) is computed."""
+    self.zero = token
+
+  def eigh(self, G: Array, damping) -> eq.DampedEig:
+    """`equations.damped_eigh` of G, after the last `wait_for`."""
+    if self._on and self.zero is not None:
+      G = G + self.zero.astype(G.dtype)
+    return eq.damped_eigh(G, damping)
+
+
+def _adjust_bucket(ps: Sequence[LeafPair], x_choice, damping, order: EighOrder) -> tuple:
+  """`adjust` for pairs of one rank and dtype."""
   prods = _Products(
     *(_cat(x) for x in zip(*(_products(p.layout, p.A, p.B, p.g_A, p.g_B) for p in ps)))
   )
-  prods = prods._replace(G_A=prods.G_A + jnp.asarray(zero, prods.G_A.dtype))
   s = _cat([p.s for p in ps])
-  coef = _coefficients(prods, s, x_choice, damping, jnp.ones_like(s))
+  coef = _coefficients(prods, s, x_choice, damping, jnp.ones_like(s), order)
   gamma_A = _cat([_amax(p.g_A) for p in ps])
   gamma_B = _cat([_amax(p.g_B) for p in ps])
   ok = _raw_trusted(prods, coef, gamma_A, gamma_B, s, x_choice, ps[0].rank, prods.G_A.dtype)
-  if record:
-    jax.debug.callback(_log_path, ok)
-  return jax.lax.cond(
+  log_path(ok)
+  out, token = jax.lax.cond(
     ok,
-    lambda: (_raw_outputs(ps, coef), _zero_of(coef)),
+    lambda: (_raw_outputs(ps, coef), EighOrder.token(coef.M1)),
     lambda: _normalised_outputs(ps, x_choice, damping),
   )
+  order.wait_for(token)
+  return out
 
 
 def adjust(
-  pairs: Sequence[LeafPair], x_choice: XChoice, damping, after: Any = 0.0, token: bool = False
-) -> Any:
+  pairs: Sequence[LeafPair], x_choice: XChoice, damping, order: EighOrder | None = None
+) -> list[tuple[Array, Array]]:
   """Theorem 2.1 for every pair: (g^A, g^B) per pair, laid out like (A, B).
 
   A result beyond the dtype's range saturates; a slice with a NaN or Inf
-  gradient returns NaN in both of its outputs. With ``token``, also returns an
-  exact 0 computed last, to pass as ``after`` to a later call, whose `eigh` then
-  waits for this call (`_zero_of`).
+  gradient returns NaN in both of its outputs. ``order`` runs the `eigh`s
+  after those of earlier calls of the same step (`EighOrder`).
   """
   if x_choice not in X_CHOICES:
     raise ValueError(f"x_choice must be one of {X_CHOICES}, got {x_choice!r}")
+  order = EighOrder() if order is None else order
   # Jitted so that an eager call compiles one computation (with both branches
-  # of the cond) instead of dispatching every op; inlined under an outer jit.
-  out, zero = _adjust_jit(tuple(pairs), x_choice, damping, _path_log is not None, after)
-  return (out, zero) if token else out
-
-
-def _zero_of(coef: eq.Coefficients) -> Array:
-  """An exact 0, fmin(|x|, 0) of one entry of the r×r coefficients (0 for every x,
-  NaN included; replicated on a mesh, so taking one entry moves nothing).
-
-  Every `adjust` runs one batched `eigh` per rank, on Gram matrices of the
-  parameters alone, so XLA:CPU may run those of several ranks, or of several
-  `adjust` calls of one step, at the same time. jaxlib's CPU `eigh` splits a
-  large batch into chunks on XLA's intra-op pool and waits for them: two such
-  calls at once on a pool of two threads waited for each other forever (the
-  factored mode's step at Llama-2-7B r = 32 on a 2-core CPU). Adding this 0, an
-  output of the previous rank's `lax.cond`, to the next `eigh`'s input makes it
-  wait for that rank's whole computation; an optimization barrier does not
-  survive to XLA:CPU's schedule.
-  """
-  return jnp.fmin(jnp.abs(coef.M1[0, 0, 0]), 0)
+  # of each cond) instead of dispatching every op; inlined under an outer jit.
+  out, order.zero = _adjust_jit(tuple(pairs), x_choice, damping, _path_log is not None, order.zero)
+  return out
 
 
 @partial(jax.jit, static_argnums=(1, 3))
 def _adjust_jit(pairs, x_choice, damping, record, zero):
+  del record  # a static argument: code traced to record paths is compiled apart
+  order = EighOrder(zero)
   buckets: dict = {}
   for i, p in enumerate(pairs):
     buckets.setdefault((p.rank, jnp.dtype(p.A.dtype)), []).append(i)
   out = [None] * len(pairs)
   for members in buckets.values():
-    # zero: the next rank's eigh waits for this rank's whole computation
-    result, zero = _adjust_bucket([pairs[i] for i in members], x_choice, damping, record, zero)
+    result = _adjust_bucket([pairs[i] for i in members], x_choice, damping, order)
     for i, res in zip(members, result):
       out[i] = tuple(res)
-  return out, zero
+  return out, order.zero

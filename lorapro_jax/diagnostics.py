@@ -22,23 +22,23 @@ def equivalent_gradients(
     pairs: as in `lorapro`.
 
   Returns:
-    A dict from each pair's key (its parent's path as a tuple of keys; the A
-    leaf's path when a ``pairs`` callable put two pairs under one parent) to
-    its equivalent gradient, laid out like the adapted weight: ``(..., in,
+    A dict from each pair's key, the key of its moments in the optimizer state
+    (its parent's path, e.g. ``"layers/0/attn/query"``; the A leaf's path when a
+    ``pairs`` callable put two pairs under one parent; ``"<root>"`` at the
+    root), to its equivalent gradient, laid out like the adapted weight: ``(..., in,
     out)`` for the flax layout (the kernel's layout) and ``(..., out, in)`` for
     the paper layout.
 
   Examples:
     >>> import jax.numpy as jnp, lorapro_jax as lpj
     >>> params = {'lora_a': jnp.ones((4, 2)), 'lora_b': jnp.ones((2, 3))}
-    >>> lpj.equivalent_gradients(params, params, scale=2.0)[()].shape
+    >>> lpj.equivalent_gradients(params, params, scale=2.0)["<root>"].shape
     (4, 3)
   """
   index = pairs_lib.PairIndex.build(params, pairs)
   leaf_pairs = index.leaf_pairs(jax.tree.leaves(params), jax.tree.leaves(updates), scale)
-  parents = [f.path for f in index.pairs]
   out = {}
-  for f, p in zip(index.pairs, leaf_pairs):
+  for key, f, p in zip(index.keys, index.pairs, leaf_pairs, strict=True):
     g = p.s[:, None, None] * layout.outer(f.layout, p.B, p.g_A, p.g_B, p.A)
-    out[f.path if parents.count(f.path) == 1 else f.a_path] = g.reshape(f.weight_shape)
+    out[key] = g.reshape(f.weight_shape)
   return out

@@ -503,3 +503,12 @@ class PairIndex:
   def unflatten(self, x: jax.Array, k: int, role: Role) -> jax.Array:
     """The inverse of `flatten`."""
     return x.reshape(stored_shape(self.pairs[k], role))
+
+  def flatten_moments(self, m: NamedTuple, k: int):
+    """Pair k's moments (a NamedTuple whose ``roles`` name each field's `Role`) in
+    their compute shapes."""
+    return type(m)(*(self.flatten(getattr(m, f), k, m.roles[f]) for f in m._fields))
+
+  def unflatten_moments(self, m: NamedTuple, k: int):
+    """The inverse of `flatten_moments`."""
+    return type(m)(*(self.unflatten(getattr(m, f), k, m.roles[f]) for f in m._fields))

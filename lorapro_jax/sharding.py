@@ -14,7 +14,7 @@ import jax
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lorapro_jax import moments as moments_lib
+from lorapro_jax import full as full_lib
 from lorapro_jax import pairs as pairs_lib
 
 
@@ -90,7 +90,7 @@ def role_sharding(pair: pairs_lib.FoundPair, a, b, role: pairs_lib.Role) -> Name
 
 def moment_shardings(params, pair_moments: dict[str, Any], pairs: pairs_lib.PairsArg = None):
   """Shardings of a LoRA-Pro state's ``pair_moments`` (arrays or abstract
-  arrays) for sharded params: each field like `moments.ROLES` says."""
+  arrays) for sharded params: each field as its ``roles`` says."""
   index = pairs_lib.PairIndex.build(params, pairs)
   leaves = jax.tree.leaves(params)
   out = {}
@@ -99,7 +99,7 @@ def moment_shardings(params, pair_moments: dict[str, Any], pairs: pairs_lib.Pair
       continue  # a lorapro under optax.masked or partition sees some pairs only
     a, b = leaves[f.a_index], leaves[f.b_index]
     moments = pair_moments[key]
-    shardings = [role_sharding(f, a, b, role) for role in moments_lib.ROLES[type(moments)]]
+    shardings = [role_sharding(f, a, b, moments.roles[name]) for name in moments._fields]
     if any(x is None for x in shardings):
       raise ValueError(
         f"The LoRA pair {pairs_lib.path_str(f.path)} has no NamedSharding on both of its "
@@ -134,7 +134,7 @@ def full_moment_shardings(params, pairs: pairs_lib.PairsArg = None) -> dict[str,
     B, in features like A unless that mesh axis is taken).
   """
   index = pairs_lib.PairIndex.build(params, pairs)
-  template = {key: moments_lib.FullMoments(None, None) for key in index.keys}
+  template = {key: full_lib.FullMoments(None, None) for key in index.keys}
   return moment_shardings(params, template, pairs)
 
 
@@ -175,7 +175,9 @@ def state_shardings(tx: optax.GradientTransformation, params, pairs: pairs_lib.P
     transform_non_params=lambda _: replicated,
     is_leaf=masked,
   )
-  is_state = lambda x: isinstance(x, moments_lib.ScaleByLoraProState)
+  from lorapro_jax.transform import ScaleByLoraProState  # here: transform imports this module
+
+  is_state = lambda x: isinstance(x, ScaleByLoraProState)
   states = [x for x in jax.tree.leaves(abstract, is_leaf=is_state) if is_state(x)]
   if not states:
     return out

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import optax
 
 from lorapro_jax import batched
-from lorapro_jax import moments as moments_lib
+from lorapro_jax import factored as factored_lib
+from lorapro_jax import full as full_lib
 from lorapro_jax import pairs as pairs_lib
 from lorapro_jax import sharding as sharding_lib
 
@@ -188,6 +189,23 @@ def _efficient(scale, x_choice, damping, pairs) -> optax.GradientTransformationE
   return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)
 
 
+class ScaleByLoraProState(NamedTuple):
+  """State of `lorapro` in the modes with moments (full, factored).
+
+  Attributes:
+    count: number of updates so far (int32), for the bias corrections.
+    pair_moments: per pair, keyed by `pairs.PairIndex.keys` (the pair's parent
+      path, e.g. ``"layers/0/attn/query"``): its `FullMoments`,
+      `FactoredMoments` or `FactoredSecondMoment`.
+    adam_state: ``optax.masked(optax.scale_by_adam(...))`` state of the leaves
+      outside pairs (its moments hold ``optax.MaskedNode`` at pair leaves).
+  """
+
+  count: jax.Array
+  pair_moments: dict[str, Any]
+  adam_state: optax.OptState
+
+
 def _init_moments(mode, f: pairs_lib.FoundPair, a, b, dtype, first_moment: bool):
   """Zero moments of one pair in their stored shapes, placed like the params
   when these are concrete sharded arrays (as optax's zeros_like moments are;
@@ -198,12 +216,14 @@ def _init_moments(mode, f: pairs_lib.FoundPair, a, b, dtype, first_moment: bool)
     return jnp.zeros(pairs_lib.stored_shape(f, role), dt, device=device)
 
   if mode == "full":
-    return moments_lib.FullMoments(zeros("weight"), zeros("weight"))
-  if not first_moment:
-    return moments_lib.FactoredSecondMoment(zeros("out"), zeros("in"))
-  return moments_lib.FactoredMoments(
-    zeros("a"), zeros("b"), zeros("a", a.dtype), zeros("b", b.dtype), zeros("out"), zeros("in")
-  )
+    kind = full_lib.FullMoments
+  elif first_moment:
+    kind = factored_lib.FactoredMoments
+  else:
+    kind = factored_lib.FactoredSecondMoment
+  # a_prev and b_prev hold the factors, in their dtype
+  factor_dtype = {"a_prev": a.dtype, "b_prev": b.dtype}
+  return kind(*(zeros(kind.roles[k], factor_dtype.get(k, dtype)) for k in kind._fields))
 
 
 def _with_moments(
@@ -220,18 +240,17 @@ def _with_moments(
     return optax.masked(adam, index.mask(tree))
 
   def init_fn(params):
+    count = jnp.zeros([], jnp.int32)
     if _is_structure_probe(params):
-      return moments_lib.ScaleByLoraProState(
-        _NOT_PARAMS_SHAPED, optax.masked(adam, True).init(params)
-      )
+      return ScaleByLoraProState(count, _NOT_PARAMS_SHAPED, optax.masked(adam, True).init(params))
     index = pairs_lib.PairIndex.build(params, pairs)
     leaves = jax.tree.leaves(params)
     pair_moments = {}
-    for key, f in zip(index.keys, index.pairs):
+    for key, f in zip(index.keys, index.pairs, strict=True):
       a, b = leaves[f.a_index], leaves[f.b_index]
       dtype = jnp.dtype(moment_dtype or batched.compute_dtype(a, b))
       pair_moments[key] = _init_moments(mode, f, a, b, dtype, first_moment)
-    return moments_lib.ScaleByLoraProState(pair_moments, others(index, params).init(params))
+    return ScaleByLoraProState(count, pair_moments, others(index, params).init(params))
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
@@ -243,56 +262,37 @@ def _with_moments(
         "changing the model."
       )
     adam_updates, adam_state = others(index, updates).update(updates, state.adam_state, params)
-    count = adam_state.inner_state.count  # this step's, for the bias corrections
+    count = optax.safe_int32_increment(state.count)  # this step's t, for the bias corrections
     leaf_pairs = index.leaf_pairs(p_leaves, u_leaves, scale)
-
-    def flat(k, m):  # a pair's moments in compute shapes, and back
-      return type(m)(*(index.flatten(x, k, r) for x, r in zip(m, moments_lib.ROLES[type(m)])))
-
-    def stored(k, m):
-      return type(m)(*(index.unflatten(x, k, r) for x, r in zip(m, moments_lib.ROLES[type(m)])))
-
-    moments = [flat(k, state.pair_moments[key]) for k, key in enumerate(index.keys)]
+    moments = [index.flatten_moments(state.pair_moments[key], k) for k, key in enumerate(index.keys)]
     if mode == "full":
-      zero_x, done = batched.adjust(leaf_pairs, "zero", damping, token=True)  # Alg. 3, 5-7
-      steps = [
-        moments_lib.full_step(p, g0, m, count, b1, b2, eps)  # lines 8-15
-        for p, g0, m in zip(leaf_pairs, zero_x, moments)
-      ]
-      adjusted = batched.adjust([p for p, _ in steps], x_choice, damping, after=done)  # 16-18
-      new_moments = [m for _, m in steps]
+      adjusted, new_moments = full_lib.step(
+        leaf_pairs, moments, full_lib.Hyper(b1, b2, eps, count), x_choice, damping
+      )
     else:
       # The same layer of every block (pairs of one kind and shape) is concatenated
       # along the slice axis, so that this is traced once per kind, not once per pair
-      # (batched.stack_groups); one batched Theorem 2.1 (X = 0) for the gradients and
-      # for the stored first moments' projection onto the current factors.
+      # (batched.stack_groups).
       groups, split = batched.stack_groups(list(zip(leaf_pairs, moments)), index.kinds)
-      g_pairs, g_moments = [p for p, _ in groups], [m for _, m in groups]
-      proj = (
-        [moments_lib.moment_projection(p, m) for p, m in zip(g_pairs, g_moments)]
-        if first_moment
-        else []
+      results = factored_lib.step(
+        [p for p, _ in groups],
+        [m for _, m in groups],
+        factored_lib.Hyper(b1, b2, eps, count),
+        x_choice,
+        damping,
       )
-      zero, done = batched.adjust(g_pairs + [p for p, _ in proj], "zero", damping, token=True)
-      zero_x, proj_x = zero[: len(g_pairs)], zero[len(g_pairs) :]
-      g_steps = []
-      for k, (p, g0, m) in enumerate(zip(g_pairs, zero_x, g_moments)):
-        projected = (*proj_x[k], proj[k][1]) if first_moment else None
-        g_steps.append(moments_lib.factored_step(p, g0, m, projected, count, b1, b2, eps))
-      g_adjusted = batched.adjust([p for p, _ in g_steps], x_choice, damping, after=done)
-      per_pair = split([(out, m) for out, (_, m) in zip(g_adjusted, g_steps)])
-      adjusted, new_moments = [out for out, _ in per_pair], [m for _, m in per_pair]
+      per_pair = split([tuple(r) for r in results])
+      adjusted, new_moments = [u for u, _ in per_pair], [m for _, m in per_pair]
       if first_moment:  # the factors each new first moment is relative to
         new_moments = [
-          m._replace(
-            a_prev=index.flatten(p_leaves[f.a_index], k, "a"),
-            b_prev=index.flatten(p_leaves[f.b_index], k, "b"),
-          )
-          for k, (f, m) in enumerate(zip(index.pairs, new_moments))
+          m._replace(a_prev=p.A.astype(m.a_prev.dtype), b_prev=p.B.astype(m.b_prev.dtype))
+          for p, m in zip(leaf_pairs, new_moments, strict=True)
         ]
-    pair_moments = {key: stored(k, m) for k, (key, m) in enumerate(zip(index.keys, new_moments))}
+    pair_moments = {
+      key: index.unflatten_moments(m, k) for k, (key, m) in enumerate(zip(index.keys, new_moments))
+    }
     out = index.scatter(jax.tree.leaves(adam_updates), adjusted)
-    new_state = moments_lib.ScaleByLoraProState(pair_moments, adam_state)
+    new_state = ScaleByLoraProState(count, pair_moments, adam_state)
     return jax.tree.unflatten(jax.tree.structure(updates), out), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

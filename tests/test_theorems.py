@@ -408,12 +408,12 @@ def test_equivalent_gradients_diagnostic(x64, layout):
   params = jax.tree.map(jnp.asarray, pair_tree(A, B, layout))
   updates = jax.tree.map(jnp.asarray, pair_tree(gA, gB, layout))
   out = lpj.equivalent_gradients(params, updates, scale=s, pairs=pairs_arg(layout))
-  assert set(out) == {("layer",)}
+  assert set(out) == {"layer"}
   want = s * B @ gA + s * gB @ A  # (m, n)
   want = want.T if layout == "flax" else want  # laid out like the adapted weight
-  chex.assert_shape(out[("layer",)], want.shape)
-  assert out[("layer",)].dtype == jnp.float64
-  _close(out[("layer",)], want, rtol=1e-12)
+  chex.assert_shape(out["layer"], want.shape)
+  assert out["layer"].dtype == jnp.float64
+  _close(out["layer"], want, rtol=1e-12)
 
 
 def test_equivalent_gradients_diagnostic_stacked_and_scale_callable(x64):
@@ -426,7 +426,7 @@ def test_equivalent_gradients_diagnostic_stacked_and_scale_callable(x64):
   params = {"blocks": {"lora_a": jnp.asarray(a), "lora_b": jnp.asarray(b)}}
   updates = {"blocks": {"lora_a": jnp.asarray(ga), "lora_b": jnp.asarray(gb)}}
   scale = lambda path, rank: 3.0 / rank
-  out = lpj.equivalent_gradients(params, updates, scale=scale)[("blocks",)]
+  out = lpj.equivalent_gradients(params, updates, scale=scale)["blocks"]
   chex.assert_shape(out, (L, n, m))
   for i in range(L):
     want = 1.5 * (b[i].T @ ga[i].T + gb[i].T @ a[i].T)  # paper: s(B gA + gB A), m×n

@@ -493,14 +493,14 @@ def make_probe(graphdef, cfg: Config):
     adjusted, _ = lpj.lorapro(scale).update(g_lora, None, params)
     eq_raw = lpj.equivalent_gradients(params, g_lora, scale)
     eq_adj = lpj.equivalent_gradients(params, adjusted, scale)
-    kernels = {}
+    kernels = {}  # keyed like the pairs: the adapted layer's path, "layers/0/query"
     for p, g in jax.tree_util.tree_flatten_with_path(g_base)[0]:
       names = normalise_path(p)
       if names[-2:] == ("base", "kernel"):
-        kernels[names[:-2]] = g
+        kernels["/".join(map(str, names[:-2]))] = g
     out = {k: [] for k in ("g_norm", "d_raw", "d_adj", "geq_raw_norm", "geq_adj_norm")}
     for i in range(cfg.train_layers):
-      keys = [("layers", i, t) for t in LORA_TARGETS]
+      keys = [f"layers/{i}/{t}" for t in LORA_TARGETS]
       out["g_norm"].append(jnp.stack([jnp.linalg.norm(kernels[k]) for k in keys]))
       out["d_raw"].append(jnp.stack([jnp.linalg.norm(eq_raw[k] - kernels[k]) for k in keys]))
       out["d_adj"].append(jnp.stack([jnp.linalg.norm(eq_adj[k] - kernels[k]) for k in keys]))
