@@ -66,7 +66,9 @@ class FactoredMoments(NamedTuple):
   col: Array
 
   # What each field is shaped like (`pairs.stored_shape`).
-  roles = MappingProxyType({"m_a": "a", "m_b": "b", "a_prev": "a", "b_prev": "b", "row": "out", "col": "in"})
+  roles = MappingProxyType(
+    {"m_a": "a", "m_b": "b", "a_prev": "a", "b_prev": "b", "row": "out", "col": "in"}
+  )
 
 
 class FactoredSecondMoment(NamedTuple):
@@ -468,7 +470,13 @@ def _raw_plan(ps, ms, h: Hyper, x_choice, damping, order: batched.EighOrder):
   _output_bound(g, G.outer_norms, grad.R)
   vs, ds = [], []
   per_group = zip(
-    ps, ms, sides, _split(grad.L, sizes), _split(grad.R, sizes), _split(S_row, sizes), _split(S_col, sizes)
+    ps,
+    ms,
+    sides,
+    _split(grad.L, sizes),
+    _split(grad.R, sizes),
+    _split(S_row, sizes),
+    _split(S_col, sizes),
   )
   for p, m, x, L, R, S_r, S_c in per_group:
     arrays = (_in_combination(p.layout, x.I, L), _out_combination(p.layout, x.O, R))
@@ -509,7 +517,9 @@ def _outputs(layout: lo.Layout, sides: Sides, d: Direction, up: Update, first, v
   return GroupStep((g_A, g_B), new)
 
 
-def step(pairs: list[batched.LeafPair], moments: list, h: Hyper, x_choice, damping) -> list[GroupStep]:
+def step(
+  pairs: list[batched.LeafPair], moments: list, h: Hyper, x_choice, damping
+) -> list[GroupStep]:
   """One factored-mode step for each group (pairs of one kind, stacked along N).
 
   The r×r algebra of all groups of one rank and dtype is batched together, under
@@ -618,7 +628,9 @@ def _relative(x: eq.Normalised, nu: Array) -> Array:
   return x.hat * _col(eq.divide(x.scale, nu))
 
 
-def _moment_projection(pair: batched.LeafPair, m: FactoredMoments) -> tuple[batched.LeafPair, Array]:
+def _moment_projection(
+  pair: batched.LeafPair, m: FactoredMoments
+) -> tuple[batched.LeafPair, Array]:
   """The stored M = s·B_prev·N_A + s·N_B·A_prev = s·ν·(B̂_prev·Ñ_A + Ñ_B·Â_prev) as
   the LoRA gradients of the pair of normalised factors (Â, B̂) with s = 1, and ν:
   Ñ_A = β_prev·N_A/ν and Ñ_B = α_prev·N_B/ν are at most 1 (X̂ = X/max|X| with

@@ -85,9 +85,7 @@ def normalised_equivalent_gradient(pair: batched.LeafPair, g_A: Array, g_B: Arra
   return eq.saturate(g * _col(c))
 
 
-def update_moments(
-  g: Array, m: FullMoments, h: Hyper
-) -> tuple[Array, FullMoments]:
+def update_moments(g: Array, m: FullMoments, h: Hyper) -> tuple[Array, FullMoments]:
   """Adam on the equivalent gradient (Alg. 3, lines 9-13): the bias-corrected
   direction m̂/(√v̂ + ε) in compute dtype and the moments in their stored dtype.
 

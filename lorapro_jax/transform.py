@@ -264,7 +264,9 @@ def _with_moments(
     adam_updates, adam_state = others(index, updates).update(updates, state.adam_state, params)
     count = optax.safe_int32_increment(state.count)  # this step's t, for the bias corrections
     leaf_pairs = index.leaf_pairs(p_leaves, u_leaves, scale)
-    moments = [index.flatten_moments(state.pair_moments[key], k) for k, key in enumerate(index.keys)]
+    moments = [
+      index.flatten_moments(state.pair_moments[key], k) for k, key in enumerate(index.keys)
+    ]
     if mode == "full":
       adjusted, new_moments = full_lib.step(
         leaf_pairs, moments, full_lib.Hyper(b1, b2, eps, count), x_choice, damping
