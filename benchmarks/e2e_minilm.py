@@ -110,6 +110,7 @@ def _run(mod, *, rank, batch, seq, smoke, target_s, rounds, repeats):
     "adamw": optax.adamw(LR, weight_decay=WD),
     "lorapro-sylvester+adamw": optax.chain(lpj.lorapro(scale), optax.adamw(LR, weight_decay=WD)),
     "lorapro-full": lpj.lorapro_adamw(LR, scale=scale, mode="full", weight_decay=WD),
+    "lorapro-factored": lpj.lorapro_adamw(LR, scale=scale, mode="factored", weight_decay=WD),
   }
   runners = []
   for name, tx in txs.items():

@@ -45,8 +45,10 @@ from benchmarks import hlo_traffic, models, timing, train_step
 from benchmarks.train_step import LR, SCALE, WD
 
 
-def arms() -> dict:
-  return {
+def arms(full: bool = False) -> dict:
+  """Every mode's train step; with ``full``, also full mode (float32 and bfloat16 moments)
+  and ``dense-adamw``, AdamW on dense m×n weights of the same shapes (full fine-tuning)."""
+  out = {
     "adamw": optax.adamw(LR, weight_decay=WD),
     "lorapro-sylvester+adamw": train_step.efficient_tx(),
     "lorapro-factored": lpj.lorapro_adamw(LR, scale=SCALE, mode="factored", weight_decay=WD),
@@ -54,6 +56,17 @@ def arms() -> dict:
       LR, scale=SCALE, mode="factored", weight_decay=WD, b1=0.0
     ),
   }
+  if full:
+    out["lorapro-full"] = lpj.lorapro_adamw(LR, scale=SCALE, mode="full", weight_decay=WD)
+    out["lorapro-full-bf16"] = lpj.lorapro_adamw(
+      LR, scale=SCALE, mode="full", weight_decay=WD, moment_dtype=jnp.bfloat16
+    )
+    out["dense-adamw"] = optax.adamw(LR, weight_decay=WD)
+  return out
+
+
+# Arms that run on dense m×n weights instead of the LoRA factors.
+DENSE_ARMS = ("dense-adamw",)
 
 
 # ---------------------------------------------------------------------------
@@ -338,13 +351,17 @@ def ksweep(n_pairs=7, n=11008, ks=(8, 16, 32, 64), rounds=5, target_s=0.5, log=p
 # ---------------------------------------------------------------------------
 
 
-def run(model_name, layers, rank, *, repeats, rounds, target_s, profile, log=print) -> dict:
+def run(
+  model_name, layers, rank, *, repeats, rounds, target_s, profile, full=False, log=print
+) -> dict:
   model = models.MODELS[model_name]
   params, grads = models.lora_tree(model, layers, rank, seed=1)
   pb = timing.tree_bytes(params)
+  dense = models.dense_tree(model, layers, seed=2) if full else None
+  db = timing.tree_bytes(dense[0]) if full else None
   runners, static = [], {}
-  for name, tx in arms().items():
-    rn = train_step.runner(name, tx, params, grads)
+  for name, tx in arms(full).items():
+    rn = train_step.runner(name, tx, *(dense if name in DENSE_ARMS else (params, grads)))
     rn.compile()
     text = rn.compiled.as_text()
     ca = rn.compiled.cost_analysis()
@@ -358,6 +375,8 @@ def run(model_name, layers, rank, *, repeats, rounds, target_s, profile, log=pri
       "elem_mflop": sum(k["elem_flops"] for k in ks) / 1e6,
       "xla_mflop": float(ca.get("flops", 0.0)) / 1e6,
       "xla_bytes_accessed_passes": float(ca.get("bytes accessed", 0.0)) / pb,
+      # passes over arrays of the dense weights' size (m×n), for full mode vs dense AdamW
+      "dense_passes": hlo_traffic.passes(text, db)["passes"] if db else None,
       "_kernels": ks,
     }
     del static[name]["by_kernel_passes"]
@@ -378,7 +397,14 @@ def run(model_name, layers, rank, *, repeats, rounds, target_s, profile, log=pri
       f"measurement {rep + 1}/{repeats}: "
       + ", ".join(f"{k} {v['median_ms']:.2f} ms" for k, v in res.items())
     )
-  out = {"model": model_name, "layers": layers, "rank": rank, "param_bytes": pb, "arms": {}}
+  out = {
+    "model": model_name,
+    "layers": layers,
+    "rank": rank,
+    "param_bytes": pb,
+    "dense_bytes": db,
+    "arms": {},
+  }
   for rn in runners:
     s = static[rn.name]
     ks = s.pop("_kernels")
@@ -394,6 +420,11 @@ def run(model_name, layers, rank, *, repeats, rounds, target_s, profile, log=pri
         t[rn.name]["median_ms"] / t["lorapro-sylvester+adamw"]["median_ms"] for t in timings
       ],
       "ratio_vs_adamw": [t[rn.name]["median_ms"] / t["adamw"]["median_ms"] for t in timings],
+      "ratio_vs_dense_adamw": [
+        t[rn.name]["median_ms"] / t["dense-adamw"]["median_ms"] for t in timings
+      ]
+      if full
+      else None,
       "profile_ms": None if ops_ms is None else sum(ops_ms.get(k["name"], 0.0) for k in ks),
       "by_kind": summarise_kernels(ks, "kind", ops_ms, pb),
       "by_stage": summarise_kernels(ks, "stage", ops_ms, pb),
@@ -427,6 +458,25 @@ def format_report(res: dict) -> str:
         f"{a['elem_mflop']:>11.1f} {a['xla_mflop']:>10.1f} "
         f"{', '.join(f'{x:.2f}' for x in a['median_ms']):>30} "
         f"{', '.join(f'{x:.2f}' for x in a['ratio_vs_efficient']):>18}"
+      )
+    if cfg.get("dense_bytes"):
+      lines.append(
+        f"-- full mode vs dense AdamW on the same m×n weights (D = {cfg['dense_bytes'] / 1e6:.1f} "
+        "MB): passes over m×n arrays and time ratios --"
+      )
+      for name in ("dense-adamw", "lorapro-full", "lorapro-full-bf16"):
+        a = cfg["arms"][name]
+        lines.append(
+          f"{name:<24} {a['dense_passes']:>7.2f} passes over D   x dense-adamw "
+          + ", ".join(f"{x:.2f}" for x in a["ratio_vs_dense_adamw"])
+        )
+    for name in ("lorapro-factored", "lorapro-factored-b1=0"):
+      a = cfg["arms"][name]
+      lines.append(
+        f"targets: {name}: {a['passes']:.1f} passes (target <= 40 at L1), {a['kernels']} kernels "
+        f"(<= 300 at L1), x efficient "
+        + ", ".join(f"{x:.2f}" for x in a["ratio_vs_efficient"])
+        + " (<= 3 at L2)"
       )
     lines.append("")
     for key in ("by_kind", "by_stage"):
@@ -472,6 +522,9 @@ def main(argv=None):
   ap.add_argument("--ksweep", default="8,16,32,64", help="K values of the sweep ('' to skip)")
   ap.add_argument("--ksweep-n", type=int, default=11008)
   ap.add_argument(
+    "--full", action="store_true", help="add full mode and dense AdamW on the m×n weights"
+  )
+  ap.add_argument(
     "--fast-compile", action="store_true", help="XLA's unoptimised build (the smoke test)"
   )
   ap.add_argument(
@@ -516,6 +569,7 @@ def main(argv=None):
         rounds=args.rounds,
         target_s=args.target_s,
         profile=args.profile,
+        full=args.full,
         log=log,
       )
     )

@@ -23,8 +23,10 @@
 # the next step still runs): env (nvidia-smi, versions), deps, devices (JAX must see a GPU
 # unless dry-run), pytest (tests/test_theorems.py, test_paths.py, test_fuzz.py,
 # test_transform.py on the GPU; dry-run: collection only), train_step (donated train-step
-# ratio at Llama-2-7B shapes, r = 8, L = 1, 2, 8), bench (python -m benchmarks.run, a
-# trimmed default: JSON and text tables), breakdown (efficient-mode components).
+# ratio at Llama-2-7B shapes, r = 8, L = 1, 2, 8), modes (benchmarks.factored_cost --full:
+# every mode's time ratio and pass count at Llama-2-7B L1 and L2, r = 8, full mode next to
+# dense AdamW on the same m×n weights), bench (python -m benchmarks.run, a trimmed default:
+# JSON and text tables), breakdown (efficient-mode components).
 # $OUT/summary.txt lists every step with its exit status and seconds; the script exits
 # non-zero if any step failed.
 #
@@ -176,16 +178,22 @@ if [ "$DRY" = "1" ]; then
   step pytest 60 "$PY" -m pytest "${TESTS[@]}" -q -p no:cacheprovider --collect-only
   step train_step 60 "$PY" -m benchmarks.train_step --model tiny --layers 1 --rounds 1 \
     --target-s 0.02 --out "$OUTDIR/train_step.json"
+  step modes 90 "$PY" -m benchmarks.factored_cost --model tiny --layers 1 --full --repeats 1 \
+    --rounds 1 --target-s 0.02 --no-profile --ksweep '' --out "$OUTDIR/modes-L1.json"
   step bench 90 "$PY" -m benchmarks.run --smoke --sections update --no-plot \
     --out-dir "$OUTDIR/bench" --tag dry-run
   step breakdown 60 "$PY" -m benchmarks.breakdown --model tiny --layers 1 --rounds 1 \
     --target-s 0.02 --passes
 else
-  step pytest 220 "$PY" -m pytest "${TESTS[@]}" -q -p no:cacheprovider -ra \
+  step modes 110 bash -c "\"\$0\" -m benchmarks.factored_cost --layers 1 --full --repeats 2 \
+    --rounds 5 --target-s 0.5 --no-profile --ksweep '' --out \"\$1/modes-L1.json\" && \
+    \"\$0\" -m benchmarks.factored_cost --layers 2 --repeats 2 --rounds 5 --target-s 0.5 \
+    --no-profile --ksweep '' --out \"\$1/modes-L2.json\"" "$PY" "$OUTDIR"
+  step pytest 200 "$PY" -m pytest "${TESTS[@]}" -q -p no:cacheprovider -ra \
     --junitxml="$OUTDIR/pytest.xml"
   step train_step 70 "$PY" -m benchmarks.train_step --layers 1,2,8 --rounds 7 --target-s 1 \
     --out "$OUTDIR/train_step.json"
-  step bench 170 "$PY" -m benchmarks.run --no-plot --out-dir "$OUTDIR/bench" --tag gpu \
+  step bench 130 "$PY" -m benchmarks.run --no-plot --out-dir "$OUTDIR/bench" --tag gpu \
     --layers 1,2,8 --ranks 8,32 --full-llama-layers 1 --small-models minilm:6 \
     --adapters 8,32,256,1024 --max-separate-adapters 32 --scaling-ranks 4,64 \
     --rounds 5 --target-s 0.5

@@ -24,8 +24,8 @@ Each stage is a pure function of small NamedTuples of coefficient matrices.
 inside the dtype's range (`_Guard`); otherwise the group falls back, through
 `jax.lax.cond`, to the same map computed stage by stage on normalised arrays
 (`_normalised`), as `batched.adjust` does. Its only extra cost on ordinary
-inputs is the r×r guard; the first step (B = 0 and zero moments) takes the
-normalised path.
+inputs is the r×r guard; the first two steps (B = 0 and zero moments, then
+B_prev = 0) take the normalised path.
 """
 
 from __future__ import annotations
@@ -311,20 +311,34 @@ def second_moment_forms(g: _Guard, G: Grams, grad: FirstMoment, r: int, s) -> tu
   return S_row, S_col
 
 
+# Up to this many columns `_quadratic` is written as multiply-adds; above it, as a dot.
+QUADRATIC_UNROLL_MAX = 32
+
+
+def _tree_sum(xs: list[Array]) -> Array:
+  """Σ xs as a balanced tree: the expression's depth grows as log(len(xs)) (XLA's
+  recursive passes overflowed the stack on long chains)."""
+  while len(xs) > 1:
+    xs = [xs[i] + xs[i + 1] if i + 1 < len(xs) else xs[i] for i in range(0, len(xs), 2)]
+  return xs[0]
+
+
 def _quadratic(layout: lo.Layout, side: str, X: Array, S: Array) -> Array:
   """x·S·xᵀ for every row x of X (m×2r on the out side, n×2r on the in side, in the
-  layout), written as elementwise multiply-adds over the 2r columns so that XLA
-  fuses them into one pass (a dot followed by a reduction was 20× slower on CPU)."""
+  layout) and a symmetric S. Up to `QUADRATIC_UNROLL_MAX` columns it is written as
+  elementwise multiply-adds, which XLA fuses into one pass (a dot followed by a
+  reduction was 20× slower on CPU at r = 8)."""
   minor = (layout == "flax") == (side == "in")  # the 2r axis is the minor one
-  col = (lambda a: X[..., a]) if minor else (lambda a: X[:, a])
   k = S.shape[-1]
-  total = None
+  if k > QUADRATIC_UNROLL_MAX:
+    XS = jnp.einsum("kma,kab->kmb" if minor else "kam,kab->kbm", X, S)
+    return jnp.sum(XS * X, axis=-1 if minor else -2)
+  col = (lambda a: X[..., a]) if minor else (lambda a: X[:, a])
+  rows = []
   for a in range(k):
-    inner = S[:, a, a, None] * col(a)
-    for b in range(a + 1, k):
-      inner = inner + 2 * S[:, a, b, None] * col(b)
-    total = inner * col(a) if total is None else total + inner * col(a)
-  return total
+    inner = [S[:, a, a, None] * col(a)] + [2 * S[:, a, b, None] * col(b) for b in range(a + 1, k)]
+    rows.append(_tree_sum(inner) * col(a))
+  return _tree_sum(rows)
 
 
 def second_moment(

@@ -16,6 +16,7 @@ import optax
 import pytest
 
 import lorapro_jax as lpj
+from lorapro_jax import batched
 from lorapro_jax import factored as factored_lib
 from tests import reference as ref
 from tests.helpers import (
@@ -336,3 +337,102 @@ def test_batched_eighs_of_one_step_run_one_after_another(mode):
   hlo = jax.jit(tx.update).lower(params, tx.init(params), params).compile().as_text()
   count, ordered = _eighs_are_ordered(hlo)
   assert count >= 2 and ordered, count
+
+
+def _stepped_pair(rng, layout, steps, dtype=jnp.float32):
+  """A factored-mode pair after ``steps`` ordinary steps: (LeafPair, moments, Hyper)."""
+  A0, B0 = rng.standard_normal((R, N)), rng.standard_normal((M, R))
+  fg = quadratic(5, M, N, S)
+  tx = lpj.lorapro(S, mode="factored", pairs=pairs_arg(layout))
+  params = jax.tree.map(lambda x: jnp.asarray(x, dtype), pair_tree(A0, B0, layout))
+  state = tx.init(params)
+  grads = None
+  for t in range(steps + 1):
+    A, B = get_pair(params, layout)
+    g = fg(t, A, B)
+    grads = jax.tree.map(
+      lambda x: jnp.asarray(x, dtype), pair_tree(S * B.T @ g, S * g @ A.T, layout)
+    )
+    grads = {"layer": {k: grads["layer"][k] for k in params["layer"]}}
+    if t < steps:
+      u, state = jax.jit(tx.update)(grads, state, params)
+      params = jax.tree.map(lambda p, x: p - 1e-2 * x, params, u)
+  index = lpj.pairs.PairIndex.build(params, pairs_arg(layout))
+  (pair,) = index.leaf_pairs(jax.tree.leaves(params), jax.tree.leaves(grads), S)
+  moments = index.flatten_moments(state.pair_moments["layer"], 0)
+  count = jnp.asarray(steps + 1, jnp.int32)
+  return pair, moments, factored_lib.Hyper(0.9, 0.999, 1e-8, count)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("x_choice", ["sylvester", "zero", "symmetric"])
+def test_raw_and_normalised_paths_agree(layout, x_choice):
+  """The raw path (Gram matrices of the stacked sides) and the normalised one (stage by
+  stage on normalised arrays) compute the same step, compiled, after three steps."""
+  pair, m, h = _stepped_pair(np.random.default_rng(7), layout, 3)
+
+  @jax.jit
+  def both(pair, m, h):
+    ok, (sides, ds, ups, firsts, vs), _ = factored_lib._raw_plan(
+      [pair], [m], h, x_choice, TINY_DAMPING, batched.EighOrder()
+    )
+    raw = factored_lib._outputs(pair.layout, sides[0], ds[0], ups[0], firsts[0], vs[0], m)
+    normalised = factored_lib._normalised(pair, m, h, x_choice, TINY_DAMPING, batched.EighOrder())
+    return ok, raw, normalised
+
+  ok, raw, normalised = both(pair, m, h)
+  assert bool(ok), "ordinary inputs must take the raw path"
+  for got, want in zip(jax.tree.leaves(raw), jax.tree.leaves(normalised), strict=True):
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4 * float(np.max(np.abs(want))))
+
+
+@pytest.mark.parametrize("mode", ["factored", "full"])
+def test_raw_path_after_the_first_step(mode):
+  """Compiled: the first two factored steps (B = 0 and zero moments, then B_prev = 0) take
+  the normalised path; every later step of ordinary training takes the raw one."""
+  rng = np.random.default_rng(2)
+  params = {"layer": {"lora_a": jnp.asarray(rng.standard_normal((N, R)), jnp.float32)}}
+  params["layer"]["lora_b"] = jnp.zeros((R, M), jnp.float32)
+  fg = quadratic(3, M, N, S)
+  tx = lpj.lorapro(S, mode=mode)
+  update = jax.jit(tx.update)
+  state, logs = tx.init(params), []
+  for t in range(4):
+    A, B = get_pair(params, "flax")
+    g = fg(t, A, B)
+    grads = {"layer": {"lora_a": jnp.asarray((S * B.T @ g).T, jnp.float32)}}
+    grads["layer"]["lora_b"] = jnp.asarray((S * g @ A.T).T, jnp.float32)
+    with batched.record_paths() as log:
+      u, state = update(grads, state, params)
+      jax.block_until_ready(u)
+    logs.append(list(log))
+    params = jax.tree.map(lambda p, x: p - 1e-2 * x, params, u)
+  if mode == "factored":
+    assert logs[0][0] is False and logs[1][0] is False  # the group's own choice comes first
+    assert all(log == [True] for log in logs[2:]), logs
+  else:  # adjust (X = 0), the pair's moments, adjust (chosen X)
+    assert all(log[1:] == [True, True] for log in logs[1:]), logs
+
+
+def test_extreme_factor_scales_take_the_normalised_path_and_stay_finite():
+  """Factors at 1e-30 and 1e30 overflow or underflow the raw Gram products: the
+  normalised path runs and every output and moment stays finite."""
+  rng = np.random.default_rng(4)
+  for a_scale, b_scale in ((1e-30, 1.0), (1e25, 1e-25), (1.0, 1e30)):
+    params = {
+      "layer": {
+        "lora_a": jnp.asarray(a_scale * rng.standard_normal((N, R)), jnp.float32),
+        "lora_b": jnp.asarray(b_scale * rng.standard_normal((R, M)), jnp.float32),
+      }
+    }
+    grads = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), jnp.float32), params)
+    tx = lpj.lorapro(S, mode="factored")
+    update = jax.jit(tx.update)
+    state = tx.init(params)
+    for _ in range(2):
+      with batched.record_paths() as log:
+        u, state = update(grads, state, params)
+        jax.block_until_ready(u)
+      assert log[0] is False, (a_scale, b_scale)
+      for x in jax.tree.leaves((u, state)):
+        assert np.all(np.isfinite(np.asarray(x, np.float64))), (a_scale, b_scale)
