@@ -143,7 +143,7 @@ def stack_frames(text: str) -> dict:
   return out
 
 
-_PLUMBING = {"step", "<lambda>", "_raw_plan", "raw", "normalised"}
+_PLUMBING = {"step", "_step_jit", "<lambda>", "_raw_plan", "raw", "normalised"}
 
 
 def stage(chain) -> str:

@@ -293,6 +293,12 @@ def record_paths() -> Iterator[list[bool]]:
     _path_log = previous
 
 
+def recording() -> bool:
+  """Whether code traced now is inside `record_paths` (a static argument of the jitted
+  steps, so that recording and non-recording code are compiled apart)."""
+  return _path_log is not None
+
+
 def log_path(raw) -> None:
   """Logs, when compiled code runs inside `record_paths`, whether a group took the
   raw path (True) or the normalised one."""
@@ -379,7 +385,7 @@ def adjust(
   order = EighOrder() if order is None else order
   # Jitted so that an eager call compiles one computation (with both branches
   # of each cond) instead of dispatching every op; inlined under an outer jit.
-  out, order.zero = _adjust_jit(tuple(pairs), x_choice, damping, _path_log is not None, order.zero)
+  out, order.zero = _adjust_jit(tuple(pairs), x_choice, damping, recording(), order.zero)
   return out
 
 

@@ -31,6 +31,7 @@ B_prev = 0) take the normalised path.
 from __future__ import annotations
 
 from types import MappingProxyType
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -156,40 +157,69 @@ class _Guard:
   Every product goes through `mm` or `scale`: a result whose entries reach
   2^±100 (or Inf, NaN), or the product of two nonzero operands whose sizes
   multiply to less than 2^-100 (XLA on CPU flushes subnormal partial sums to
-  zero), makes `ok` False. Between those bounds every partial sum is normal,
-  so the raw path's rounding is float rounding.
+  zero), makes `verdict` False. Between those bounds every partial sum is
+  normal, so the raw path's rounding is float rounding. The sizes of all
+  recorded matrices are taken in one segmented reduction at the end (`verdict`),
+  not one small kernel each.
   """
 
   LIMIT = 100.0
 
   def __init__(self):
-    self.ok = jnp.asarray(True)
+    self.ok = jnp.asarray(True)  # conditions checked directly
+    self._arrays: list[Array] = []  # every matrix whose size is needed, (N, ...)
+    self._index: dict[int, int] = {}
+    self._results: list[int] = []  # matrices that must be inside 2^±LIMIT or zero
+    self._products: list[tuple[int, int | Array]] = []  # operands: two matrices or a log2 scale
 
-  @staticmethod
-  def _log2_size(x: Array) -> Array:
-    return jnp.log2(jnp.max(jnp.abs(x), axis=tuple(range(1, x.ndim))))
+  def _id(self, x: Array) -> int:
+    if id(x) not in self._index:
+      self._index[id(x)] = len(self._arrays)
+      self._arrays.append(x)
+    return self._index[id(x)]
 
   def check(self, x: Array) -> Array:
-    size = self._log2_size(x)
-    self.ok &= jnp.all((size <= self.LIMIT) & ((size >= -self.LIMIT) | (size == -jnp.inf)))
+    self._results.append(self._id(x))
     return x
-
-  def _operands(self, *sizes: Array) -> None:
-    total = sum(sizes[1:], sizes[0])  # -inf for a zero operand: no partial sums
-    self.ok &= jnp.all((total >= -self.LIMIT) | (total == -jnp.inf))
 
   def mm(self, *xs: Array) -> Array:
     out = xs[0]
     for x in xs[1:]:
-      self._operands(self._log2_size(out), self._log2_size(x))
-      out = self.check(out @ x)
+      operands = (self._id(out), self._id(x))
+      out = out @ x
+      self._products.append(operands)
+      self.check(out)
     return out
 
   def scale(self, x: Array, c: Array) -> Array:
     """x·c for a per-slice scalar c (N,)."""
     c = jnp.asarray(c, x.dtype) * jnp.ones(x.shape[:1], x.dtype)
-    self._operands(self._log2_size(x), jnp.log2(jnp.abs(c)))
+    self._products.append((self._id(x), jnp.log2(jnp.abs(c))))
     return self.check(x * c.reshape((-1,) + (1,) * (x.ndim - 1)))
+
+  def verdict(self) -> Array:
+    """Whether every recorded condition holds (False for NaN)."""
+    if not self._arrays:
+      return self.ok
+    N = self._arrays[0].shape[0]
+    flat = [jnp.abs(x).reshape(N, -1) for x in self._arrays]
+    seg = jnp.concatenate([jnp.full(f.shape[1], i, jnp.int32) for i, f in enumerate(flat)])
+    amax = jax.ops.segment_max(
+      jnp.concatenate(flat, 1).T, seg, num_segments=len(flat), indices_are_sorted=True
+    )
+    sizes = jnp.log2(amax)  # (arrays, N); -inf for a zero matrix
+    pairs = [(a, b) for a, b in self._products if isinstance(b, int)]
+    scaled = [(a, b) for a, b in self._products if not isinstance(b, int)]
+    totals = [sizes[jnp.asarray(self._results)]]
+    if pairs:
+      a, b = (jnp.asarray(x) for x in zip(*pairs))
+      totals.append(sizes[a] + sizes[b])
+    if scaled:
+      a = jnp.asarray([x for x, _ in scaled])
+      totals.append(sizes[a] + jnp.stack([jnp.broadcast_to(c, (N,)) for _, c in scaled]))
+    total = jnp.concatenate(totals)
+    lim = self.LIMIT
+    return self.ok & jnp.all((total <= lim) & ((total >= -lim) | (total == -jnp.inf)))
 
 
 def _blocks(G: Array, r: int, i: int, j: int) -> Array:
@@ -508,7 +538,7 @@ def _raw_plan(ps, ms, h: Hyper, x_choice, damping, order: batched.EighOrder):
     _output_bound(g, G.outer_norms, first.R)
   ups = [Update(*x) for x in zip(*(_split(u, sizes) for u in up))]
   firsts = [FirstMoment(*x) for x in zip(*(_split(u, sizes) for u in first))] if k == 4 else None
-  return g.ok, (sides, ds, ups, firsts, vs), up.L
+  return g.verdict(), (sides, ds, ups, firsts, vs), up.L
 
 
 def _outputs(layout: lo.Layout, sides: Sides, d: Direction, up: Update, first, v, m) -> GroupStep:
@@ -550,6 +580,14 @@ def step(
     Each group's update, to be used as its gradients, and its new moments
     (a_prev and b_prev as given: the caller stores the current factors).
   """
+  # Jitted so that an eager call compiles one computation per shape instead of
+  # one per op (thousands of executables exhausted the process's memory maps).
+  return _step_jit(tuple(pairs), tuple(moments), h, x_choice, damping, batched.recording())
+
+
+@partial(jax.jit, static_argnums=(3, 5))
+def _step_jit(pairs, moments, h: Hyper, x_choice, damping, record) -> list[GroupStep]:
+  del record  # a static argument: code traced to record paths is compiled apart
   buckets: dict = {}
   for i, p in enumerate(pairs):
     buckets.setdefault((p.rank, jnp.dtype(p.A.dtype)), []).append(i)

@@ -17,6 +17,7 @@ same map on normalised factors and gradients, whose scales are applied last.
 from __future__ import annotations
 
 from types import MappingProxyType
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -152,6 +153,13 @@ def step(
   gradient), Adam on the equivalent gradient (lines 8-13), its projection
   (Eq. 56) adjusted by Theorem 2.1 with the chosen X (lines 14-18).
   """
+  # Jitted so that an eager call compiles one computation per shape, not one per op.
+  return _step_jit(tuple(pairs), tuple(moments), h, x_choice, damping, batched.recording())
+
+
+@partial(jax.jit, static_argnums=(3, 5))
+def _step_jit(pairs, moments, h: Hyper, x_choice, damping, record):
+  del record  # a static argument: code traced to record paths is compiled apart
   order = batched.EighOrder()
   zero_x = batched.adjust(pairs, "zero", damping, order)
   projected, new = [], []
