@@ -30,8 +30,8 @@ B_prev = 0) take the normalised path.
 
 from __future__ import annotations
 
-from types import MappingProxyType
 from functools import partial
+from types import MappingProxyType
 from typing import NamedTuple
 
 import jax

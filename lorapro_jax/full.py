@@ -16,8 +16,8 @@ same map on normalised factors and gradients, whose scales are applied last.
 
 from __future__ import annotations
 
-from types import MappingProxyType
 from functools import partial
+from types import MappingProxyType
 from typing import NamedTuple
 
 import jax
