@@ -468,8 +468,7 @@ def _output_bound(g: _Guard, norms: Array, C: Array) -> None:
 
 
 class GroupStep(NamedTuple):
-  """One group's results: the update (laid out like A, B) and its new moments
-  (a_prev, b_prev still to be set by the caller, as the current factors)."""
+  """One group's results: the update (laid out like A, B) and its new moments."""
 
   update: tuple[Array, Array]
   moments: FactoredMoments | FactoredSecondMoment
@@ -541,9 +540,12 @@ def _raw_plan(ps, ms, h: Hyper, x_choice, damping, order: batched.EighOrder):
   return g.verdict(), (sides, ds, ups, firsts, vs), up.L
 
 
-def _outputs(layout: lo.Layout, sides: Sides, d: Direction, up: Update, first, v, m) -> GroupStep:
+def _outputs(
+  pair: batched.LeafPair, sides: Sides, d: Direction, up: Update, first, v, m
+) -> GroupStep:
   """The raw path's output pass: each side read once, each output written once."""
   I, O = sides
+  layout, A, B = pair.layout, pair.A, pair.B
   g_A = lo.scale_in(layout, _in_combination(layout, I, up.L_k), d.kappa)
   g_A = eq.saturate(g_A + _in_combination(layout, I, up.L))
   g_B = lo.scale_out(layout, _out_combination(layout, O, up.R_r), d.rho)
@@ -552,9 +554,11 @@ def _outputs(layout: lo.Layout, sides: Sides, d: Direction, up: Update, first, v
   row, col = stored(v.row, m.row), stored(v.col, m.col)
   if first is None:
     return GroupStep((g_A, g_B), FactoredSecondMoment(row, col))
-  new = m._replace(
+  new = FactoredMoments(
     m_a=stored(_in_combination(layout, I, first.L), m.m_a),
     m_b=stored(_out_combination(layout, O, first.R), m.m_b),
+    a_prev=stored(A, m.a_prev),
+    b_prev=stored(B, m.b_prev),
     row=row,
     col=col,
   )
@@ -578,7 +582,7 @@ def step(
 
   Returns:
     Each group's update, to be used as its gradients, and its new moments
-    (a_prev and b_prev as given: the caller stores the current factors).
+    (a_prev and b_prev: the current factors, which the first moment is relative to).
   """
   # Jitted so that an eager call compiles one computation per shape instead of
   # one per op (thousands of executables exhausted the process's memory maps).
@@ -600,7 +604,7 @@ def _step_jit(pairs, moments, h: Hyper, x_choice, damping, record) -> list[Group
 
     def raw(ps=ps, ms=ms, sides=sides, ds=ds, ups=ups, firsts=firsts, vs=vs, last=last):
       results = [
-        _outputs(p.layout, x, d, u, None if firsts is None else firsts[j], v, m)
+        _outputs(p, x, d, u, None if firsts is None else firsts[j], v, m)
         for j, (p, m, x, d, u, v) in enumerate(zip(ps, ms, sides, ds, ups, vs))
       ]
       return results, batched.EighOrder.token(last)
@@ -756,11 +760,13 @@ def _normalised(
   row, col = stored(row, m.row), stored(col, m.col)
   if not first_moment:
     return GroupStep(tuple(update), FactoredSecondMoment(row, col))
-  # Stored relative to the raw factors: N_A/β and N_B/α.
+  # Stored relative to the raw factors, N_A/β and N_B/α, which it keeps.
   one = jnp.ones_like(_col(s))
-  new = m._replace(
+  new = FactoredMoments(
     m_a=stored(eq.rescale(N_A, one, _col(B.scale)), m.m_a),
     m_b=stored(eq.rescale(N_B, one, _col(A.scale)), m.m_b),
+    a_prev=stored(pair.A, m.a_prev),
+    b_prev=stored(pair.B, m.b_prev),
     row=row,
     col=col,
   )

@@ -274,7 +274,8 @@ def _with_moments(
     else:
       # The same layer of every block (pairs of one kind and shape) is concatenated
       # along the slice axis, so that this is traced once per kind, not once per pair
-      # (batched.stack_groups).
+      # (batched.stack_groups). The first moments come back relative to the
+      # current factors, which they hold as a_prev, b_prev.
       groups, split = batched.stack_groups(list(zip(leaf_pairs, moments)), index.kinds)
       results = factored_lib.step(
         [p for p, _ in groups],
@@ -285,11 +286,6 @@ def _with_moments(
       )
       per_pair = split([tuple(r) for r in results])
       adjusted, new_moments = [u for u, _ in per_pair], [m for _, m in per_pair]
-      if first_moment:  # the factors each new first moment is relative to
-        new_moments = [
-          m._replace(a_prev=p.A.astype(m.a_prev.dtype), b_prev=p.B.astype(m.b_prev.dtype))
-          for p, m in zip(leaf_pairs, new_moments, strict=True)
-        ]
     pair_moments = {
       key: index.unflatten_moments(m, k) for k, (key, m) in enumerate(zip(index.keys, new_moments))
     }

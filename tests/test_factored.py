@@ -376,7 +376,7 @@ def test_raw_and_normalised_paths_agree(layout, x_choice):
     ok, (sides, ds, ups, firsts, vs), _ = factored_lib._raw_plan(
       [pair], [m], h, x_choice, TINY_DAMPING, batched.EighOrder()
     )
-    raw = factored_lib._outputs(pair.layout, sides[0], ds[0], ups[0], firsts[0], vs[0], m)
+    raw = factored_lib._outputs(pair, sides[0], ds[0], ups[0], firsts[0], vs[0], m)
     normalised = factored_lib._normalised(pair, m, h, x_choice, TINY_DAMPING, batched.EighOrder())
     return ok, raw, normalised
 
