@@ -364,8 +364,9 @@ def _stepped_pair(rng, layout, steps, dtype=jnp.float32):
   return pair, moments, factored_lib.Hyper(0.9, 0.999, 1e-8, count)
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("x_choice", ["sylvester", "zero", "symmetric"])
+@pytest.mark.parametrize(
+  "layout, x_choice", [("flax", "sylvester"), ("paper", "symmetric"), ("flax", "zero")]
+)
 def test_raw_and_normalised_paths_agree(layout, x_choice):
   """The raw path (Gram matrices of the stacked sides) and the normalised one (stage by
   stage on normalised arrays) compute the same step, compiled, after three steps."""
