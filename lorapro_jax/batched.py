@@ -51,11 +51,17 @@ Array = jax.Array
 
 __all__ = [
   "X_CHOICES",
+  "Hyper",
   "LeafPair",
   "XChoice",
   "adjust",
+  "amax",
+  "cat",
+  "col",
   "compute_dtype",
+  "normalise_slices",
   "record_paths",
+  "split",
   "stack_groups",
 ]
 
@@ -107,11 +113,13 @@ def _products(layout: lo.Layout, A, B, g_A, g_B) -> _Products:
   )
 
 
-def _cat(xs: Sequence[Array]) -> Array:
+def cat(xs: Sequence[Array]) -> Array:
+  """The arrays concatenated along their slice axis (the one array itself if alone)."""
   return xs[0] if len(xs) == 1 else jnp.concatenate(xs, 0)
 
 
-def _split(x: Array, sizes: Sequence[int]) -> list[Array]:
+def split(x: Array, sizes: Sequence[int]) -> list[Array]:
+  """The inverse of `cat`: ``x`` cut along its slice axis into pieces of ``sizes``."""
   if len(sizes) == 1:
     return [x]
   starts = [sum(sizes[:i]) for i in range(len(sizes))]
@@ -125,12 +133,30 @@ def _eighs(prods: _Products, damping, order) -> tuple[eq.DampedEig, eq.DampedEig
   return eq.DampedEig(eig.w[:n], eig.Q[:n]), eq.DampedEig(eig.w[n:], eig.Q[n:])
 
 
-def _amax(x: Array) -> Array:
+def amax(x: Array) -> Array:
   """max|x| of every slice, (N,)."""
   return jnp.max(jnp.abs(x), axis=(-2, -1))
 
 
-_vmap_normalise = jax.vmap(eq.normalise)
+# `equations.normalise` of every slice.
+normalise_slices = jax.vmap(eq.normalise)
+
+
+def col(x: Array) -> Array:
+  """A per-slice (N,) value broadcast against (N, ., .) arrays."""
+  return x[:, None, None]
+
+
+class Hyper(NamedTuple):
+  """Adam's hyperparameters and the step number t ≥ 1 (for the bias corrections), as
+  the modes with moments (`full`, `factored`) take them."""
+
+  b1: Array | float
+  b2: Array | float
+  eps: Array | float
+  count: Array
+
+
 _vmap_coefficients = jax.vmap(eq.coefficients, in_axes=(0, 0, 0, 0, 0, None, 0))
 
 
@@ -151,10 +177,10 @@ def _raw_trusted(
   tr_A, tr_B = (jnp.trace(G, axis1=-2, axis2=-1) for G in (prods.G_A, prods.G_B))
   # A bound on every partial sum of the output products (|A|max <= ‖A‖_F):
   # below it no product overflows, so none can give Inf - Inf = NaN.
-  m1, m3 = _amax(coef.M1), _amax(coef.M3)
+  m1, m3 = amax(coef.M1), amax(coef.M3)
   bound = r * jnp.maximum(
-    m1 * gamma_A + _amax(coef.Z) * jnp.sqrt(tr_A),
-    m3 * gamma_B + _amax(coef.P + coef.Z) * jnp.sqrt(tr_B),
+    m1 * gamma_A + amax(coef.Z) * jnp.sqrt(tr_A),
+    m3 * gamma_B + amax(coef.P + coef.Z) * jnp.sqrt(tr_B),
   )
   in_range = lambda tr: jnp.all((tr >= floor) & (tr <= ceiling))
   ok = in_range(tr_A) & in_range(tr_B) & jnp.all(bound <= info.max / 4)  # False for NaN
@@ -182,7 +208,7 @@ def _raw_trusted(
 def _raw_outputs(ps: Sequence[LeafPair], coef: eq.Coefficients) -> list[tuple[Array, Array]]:
   sizes = [p.s.shape[0] for p in ps]
   out = []
-  for p, (M1, M3, P, Z) in zip(ps, zip(*(_split(c, sizes) for c in coef))):
+  for p, (M1, M3, P, Z) in zip(ps, zip(*(split(c, sizes) for c in coef))):
     L = p.layout
     g_A = lo.left(L, M1, p.g_A) + lo.left(L, Z, p.A)
     g_B = lo.right(L, p.g_B, M3) - lo.right(L, p.B, P + Z)
@@ -205,22 +231,22 @@ def _normalised_outputs(
   sizes = [p.s.shape[0] for p in ps]
   hats, prods = [], []
   for p in ps:
-    A, B = _vmap_normalise(p.A), _vmap_normalise(p.B)
-    gamma = jnp.maximum(_amax(p.g_A), _amax(p.g_B))
+    A, B = normalise_slices(p.A), normalise_slices(p.B)
+    gamma = jnp.maximum(amax(p.g_A), amax(p.g_B))
     finite = jnp.isfinite(gamma)
     gamma = jnp.where(finite & (gamma > 0), gamma, jnp.ones_like(gamma))
     g_A, g_B = eq.divide(p.g_A, gamma[:, None, None]), eq.divide(p.g_B, gamma[:, None, None])
     hats.append((A, B, g_A, g_B, gamma, finite))
     prods.append(_products(p.layout, A.hat, B.hat, g_A, g_B))
-  prods = _Products(*(_cat(x) for x in zip(*prods)))
-  ratio = _cat([eq.divide(B.scale, A.scale) ** 2 for A, B, *_ in hats])
-  coef = _coefficients(prods, _cat([p.s for p in ps]), x_choice, damping, ratio, EighOrder())
+  prods = _Products(*(cat(x) for x in zip(*prods)))
+  ratio = cat([eq.divide(B.scale, A.scale) ** 2 for A, B, *_ in hats])
+  coef = _coefficients(prods, cat([p.s for p in ps]), x_choice, damping, ratio, EighOrder())
 
   out = []
   for p, (A, B, g_A, g_B, gamma, finite), (M1, M3, P, Z) in zip(
-    ps, hats, zip(*(_split(c, sizes) for c in coef))
+    ps, hats, zip(*(split(c, sizes) for c in coef))
   ):
-    L, col = p.layout, lambda x: x[:, None, None]
+    L = p.layout
     a, b, c = col(A.scale), col(B.scale), col(gamma)
     d = b if eq.x_unit(x_choice) == "B" else a
     out_A = eq.rescale(lo.left(L, M1, g_A), c, b, b) + eq.rescale(lo.left(L, Z, A.hat), c, b, d)
@@ -354,12 +380,12 @@ class EighOrder:
 def _adjust_bucket(ps: Sequence[LeafPair], x_choice, damping, order: EighOrder) -> tuple:
   """`adjust` for pairs of one rank and dtype."""
   prods = _Products(
-    *(_cat(x) for x in zip(*(_products(p.layout, p.A, p.B, p.g_A, p.g_B) for p in ps)))
+    *(cat(x) for x in zip(*(_products(p.layout, p.A, p.B, p.g_A, p.g_B) for p in ps)))
   )
-  s = _cat([p.s for p in ps])
+  s = cat([p.s for p in ps])
   coef = _coefficients(prods, s, x_choice, damping, jnp.ones_like(s), order)
-  gamma_A = _cat([_amax(p.g_A) for p in ps])
-  gamma_B = _cat([_amax(p.g_B) for p in ps])
+  gamma_A = cat([amax(p.g_A) for p in ps])
+  gamma_B = cat([amax(p.g_B) for p in ps])
   ok = _raw_trusted(prods, coef, gamma_A, gamma_B, s, x_choice, ps[0].rank, prods.G_A.dtype)
   log_path(ok)
   out, token = jax.lax.cond(

@@ -86,21 +86,12 @@ class FactoredSecondMoment(NamedTuple):
   roles = MappingProxyType({"row": "out", "col": "in"})
 
 
-class Hyper(NamedTuple):
-  """Adam's hyperparameters and the step number t ≥ 1 (for the bias corrections)."""
-
-  b1: Array | float
-  b2: Array | float
-  eps: Array | float
-  count: Array
+_cat, _split, _col = batched.cat, batched.split, batched.col
+_vmap_normalise = batched.normalise_slices
 
 
 # ---------------------------------------------------------------------------
 # The raw path: Algorithm 3 on the Gram matrices of the stacked sides.
-
-# The base arrays of each side, in stacking order.
-IN_SIDE = ("A", "g_A", "N_A", "A_prev")
-OUT_SIDE = ("B", "g_B", "B_prev", "N_B")
 
 
 class Sides(NamedTuple):
@@ -398,7 +389,7 @@ class Direction(NamedTuple):
   c: tuple[Array, Array, Array]
 
 
-def direction_scales(v: SecondMoment, h: Hyper) -> Direction:
+def direction_scales(v: SecondMoment, h: batched.Hyper) -> Direction:
   """V̂ = R·Cᵀ/mean(R): D = k·diag(R^-½)·M·diag(C^-½), k = √mean(R)·√(1-β2ᵗ)/(1-β1ᵗ)."""
   dt = v.row.dtype
   t = h.count.astype(dt)
@@ -474,20 +465,11 @@ class GroupStep(NamedTuple):
   moments: FactoredMoments | FactoredSecondMoment
 
 
-def _cat(xs):
-  return xs[0] if len(xs) == 1 else jnp.concatenate(xs, 0)
-
-
-def _split(x: Array, sizes) -> list[Array]:
-  starts = [sum(sizes[:i]) for i in range(len(sizes))]
-  return [x] if len(sizes) == 1 else [x[a : a + n] for a, n in zip(starts, sizes)]
-
-
 def _cat_grams(Gs):
   return type(Gs[0])(*(_cat(list(x)) for x in zip(*Gs)))
 
 
-def _raw_plan(ps, ms, h: Hyper, x_choice, damping, order: batched.EighOrder):
+def _raw_plan(ps, ms, h: batched.Hyper, x_choice, damping, order: batched.EighOrder):
   """The raw path for the groups of one rank up to its output pass, the r×r algebra of
   all of them batched together, and whether it can be trusted."""
   r, sizes = ps[0].rank, [p.s.shape[0] for p in ps]
@@ -529,12 +511,12 @@ def _raw_plan(ps, ms, h: Hyper, x_choice, damping, order: batched.EighOrder):
   W = _cat_grams([weighted_grams(p, x, d) for p, x, d in zip(ps, sides, ds)])
   c = eq.scale_by(s, *(_cat([d.c[i] for d in ds]) for i in range(3)))
   up = project_direction(g, th, W, low_rank(g, k, r, s, first), c, k, r, x_choice)
-  for C, norms in ((up.L_k, G.inner_norms), (up.L, G.inner_norms), (up.R_r, G.outer_norms)):
-    _output_bound(g, norms, C)
-  _output_bound(g, G.outer_norms, up.R)
+  bounded = [(up.L_k, G.inner_norms), (up.L, G.inner_norms)]
+  bounded += [(up.R_r, G.outer_norms), (up.R, G.outer_norms)]
   if k == 4:
-    _output_bound(g, G.inner_norms, first.L)
-    _output_bound(g, G.outer_norms, first.R)
+    bounded += [(first.L, G.inner_norms), (first.R, G.outer_norms)]
+  for C, norms in bounded:
+    _output_bound(g, norms, C)
   ups = [Update(*x) for x in zip(*(_split(u, sizes) for u in up))]
   firsts = [FirstMoment(*x) for x in zip(*(_split(u, sizes) for u in first))] if k == 4 else None
   return g.verdict(), (sides, ds, ups, firsts, vs), up.L
@@ -566,7 +548,7 @@ def _outputs(
 
 
 def step(
-  pairs: list[batched.LeafPair], moments: list, h: Hyper, x_choice, damping
+  pairs: list[batched.LeafPair], moments: list, h: batched.Hyper, x_choice, damping
 ) -> list[GroupStep]:
   """One factored-mode step for each group (pairs of one kind, stacked along N).
 
@@ -590,7 +572,7 @@ def step(
 
 
 @partial(jax.jit, static_argnums=(3, 5))
-def _step_jit(pairs, moments, h: Hyper, x_choice, damping, record) -> list[GroupStep]:
+def _step_jit(pairs, moments, h: batched.Hyper, x_choice, damping, record) -> list[GroupStep]:
   del record  # a static argument: code traced to record paths is compiled apart
   buckets: dict = {}
   for i, p in enumerate(pairs):
@@ -623,10 +605,6 @@ def _step_jit(pairs, moments, h: Hyper, x_choice, damping, record) -> list[Group
 
 # ---------------------------------------------------------------------------
 # The normalised path: the same map, stage by stage on normalised arrays.
-
-
-def _col(x: Array) -> Array:
-  return x[:, None, None]
 
 
 class LowRank(NamedTuple):
@@ -671,9 +649,6 @@ def lora_gradients(layout: lo.Layout, L: LowRank, A: Array, B: Array) -> tuple[A
   return g_A, g_B
 
 
-_vmap_normalise = jax.vmap(eq.normalise)
-
-
 def _max_scale(*xs: eq.Normalised) -> Array:
   """The largest of the scales (N,), 1 where all are 0."""
   c = jnp.maximum(*[x.scale for x in xs]) if len(xs) > 1 else xs[0].scale
@@ -707,7 +682,7 @@ def _moment_projection(
 
 
 def _normalised(
-  pair: batched.LeafPair, m, h: Hyper, x_choice, damping, order: batched.EighOrder
+  pair: batched.LeafPair, m, h: batched.Hyper, x_choice, damping, order: batched.EighOrder
 ) -> GroupStep:
   """The factored step of one group on normalised arrays (see module doc).
 

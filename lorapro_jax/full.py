@@ -45,24 +45,7 @@ class FullMoments(NamedTuple):
   roles = MappingProxyType({"mu": "weight", "nu": "weight"})
 
 
-class Hyper(NamedTuple):
-  """Adam's hyperparameters and the step number t ≥ 1 (for the bias corrections)."""
-
-  b1: Array | float
-  b2: Array | float
-  eps: Array | float
-  count: Array
-
-
-def _col(x: Array) -> Array:
-  return x[:, None, None]
-
-
-_vmap_normalise = jax.vmap(eq.normalise)
-
-
-def _amax(x: Array) -> Array:
-  return jnp.max(jnp.abs(x), axis=(-2, -1))
+_col, _amax, _vmap_normalise = batched.col, batched.amax, batched.normalise_slices
 
 
 def equivalent_gradient(pair: batched.LeafPair, g_A: Array, g_B: Array) -> Array:
@@ -86,7 +69,7 @@ def normalised_equivalent_gradient(pair: batched.LeafPair, g_A: Array, g_B: Arra
   return eq.saturate(g * _col(c))
 
 
-def update_moments(g: Array, m: FullMoments, h: Hyper) -> tuple[Array, FullMoments]:
+def update_moments(g: Array, m: FullMoments, h: batched.Hyper) -> tuple[Array, FullMoments]:
   """Adam on the equivalent gradient (Alg. 3, lines 9-13): the bias-corrected
   direction m̂/(√v̂ + ε) in compute dtype and the moments in their stored dtype.
 
@@ -145,7 +128,7 @@ def raw_trusted(pair: batched.LeafPair, g_A: Array, g_B: Array) -> Array:
 
 
 def step(
-  pairs: list[batched.LeafPair], moments: list[FullMoments], h: Hyper, x_choice, damping
+  pairs: list[batched.LeafPair], moments: list[FullMoments], h: batched.Hyper, x_choice, damping
 ) -> tuple[list[tuple[Array, Array]], list[FullMoments]]:
   """Algorithm 3 for every pair: the update (laid out like A, B) and the new moments.
 
@@ -158,7 +141,7 @@ def step(
 
 
 @partial(jax.jit, static_argnums=(3, 5))
-def _step_jit(pairs, moments, h: Hyper, x_choice, damping, record):
+def _step_jit(pairs, moments, h: batched.Hyper, x_choice, damping, record):
   del record  # a static argument: code traced to record paths is compiled apart
   order = batched.EighOrder()
   zero_x = batched.adjust(pairs, "zero", damping, order)

@@ -269,7 +269,7 @@ def _with_moments(
     ]
     if mode == "full":
       adjusted, new_moments = full_lib.step(
-        leaf_pairs, moments, full_lib.Hyper(b1, b2, eps, count), x_choice, damping
+        leaf_pairs, moments, batched.Hyper(b1, b2, eps, count), x_choice, damping
       )
     else:
       # The same layer of every block (pairs of one kind and shape) is concatenated
@@ -280,7 +280,7 @@ def _with_moments(
       results = factored_lib.step(
         [p for p, _ in groups],
         [m for _, m in groups],
-        factored_lib.Hyper(b1, b2, eps, count),
+        batched.Hyper(b1, b2, eps, count),
         x_choice,
         damping,
       )

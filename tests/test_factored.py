@@ -361,7 +361,7 @@ def _stepped_pair(rng, layout, steps, dtype=jnp.float32):
   (pair,) = index.leaf_pairs(jax.tree.leaves(params), jax.tree.leaves(grads), S)
   moments = index.flatten_moments(state.pair_moments["layer"], 0)
   count = jnp.asarray(steps + 1, jnp.int32)
-  return pair, moments, factored_lib.Hyper(0.9, 0.999, 1e-8, count)
+  return pair, moments, batched.Hyper(0.9, 0.999, 1e-8, count)
 
 
 @pytest.mark.parametrize(
