@@ -12,7 +12,7 @@ merged into N, and updated by the same optimizer through the existing 2-D path,
 within float64 rounding. The layer stack has as many layers as the rank, so its
 batch axes are ambiguous and are given by ``batch_axes``. QLoRA (int8 base
 kernels) trains the same way. The last test runs the example
-examples/qwix_gemma_style.py (--smoke, plain LoRA and LoRA-Pro full).
+examples/qwix_gemma/compare.py (--smoke, plain LoRA and LoRA-Pro full).
 
 Cost: compilation. The models are built under ``nnx.eval_shape`` (Qwix traces
 them to create its LoRA weights; nothing is compiled) and filled from NumPy; the
@@ -298,12 +298,12 @@ def test_equivalent_gradients_laid_out_like_the_kernels():
 
 
 def test_example_smoke(capsys):
-  """examples/qwix_gemma_style.py --smoke: a tiny decoder, 3 steps of plain LoRA and
+  """examples/qwix_gemma/compare.py --smoke: a tiny decoder, 3 steps of plain LoRA and
   LoRA-Pro full (the other modes differ only in the mode string, and train above)."""
-  from examples import qwix_gemma_style
+  from examples.qwix_gemma import compare
 
   methods = ("LoRA", "LoRA-Pro full")
-  qwix_gemma_style.main(["--smoke", "--methods", ",".join(methods)])
+  compare.main(["--smoke", "--methods", ",".join(methods)])
   out = capsys.readouterr().out
   for name in methods:
     assert f"{name}: validation loss" in out, out

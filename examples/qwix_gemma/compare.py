@@ -7,9 +7,9 @@ trains next-byte prediction on the docstrings of the Python standard library
 (offline). Prints the validation loss curve of each method: about 75 s of CPU
 time, most of it compiling (2m19s wall on a shared, loaded 2-core machine)::
 
-    python examples/qwix_gemma_style.py [--steps 100] [--lr 3e-3] [--rank 8] [--targets all]
-    python examples/qwix_gemma_style.py --methods "LoRA,LoRA-Pro full"
-    python examples/qwix_gemma_style.py --smoke   # tiny model, one pair, 3 steps (a test)
+    python -m examples.qwix_gemma.compare [--steps 100] [--lr 3e-3] [--rank 8] [--targets all]
+    python -m examples.qwix_gemma.compare --methods "LoRA,LoRA-Pro full"
+    python -m examples.qwix_gemma.compare --smoke   # tiny model, one pair, 3 steps (a test)
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import dataclasses
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # `python examples/qwix_gemma_style.py`
-  sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # `python examples/qwix_gemma/compare.py`
+  sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from examples.qwix_gemma.model import Config
 from examples.qwix_gemma.train import METHODS, TARGETS, RunConfig, run, table
