@@ -142,7 +142,7 @@ def test_moment_modes_beat_lora_from_standard_init(losses, mode):
 
 def test_efficient_mode_from_standard_init_trails_lora(losses):
   """Algorithm 2 as published: right after B = 0 its g^A is huge and AdamW's
-  second moment remembers it, so A barely moves (README, "Things worth knowing")."""
+  second moment remembers it, so A barely moves (docs/numerics.md, "Things worth knowing")."""
   eff, lora = losses["efficient"][0.0], losses["lora"][0.0]
   assert np.all(eff > 5 * lora), (eff, lora)
 
