@@ -379,20 +379,30 @@ class EighOrder:
 
 def _adjust_bucket(ps: Sequence[LeafPair], x_choice, damping, order: EighOrder) -> tuple:
   """`adjust` for pairs of one rank and dtype."""
-  prods = _Products(
-    *(cat(x) for x in zip(*(_products(p.layout, p.A, p.B, p.g_A, p.g_B) for p in ps)))
-  )
+  # The named scopes label each stage's ops in the compiled HLO, where the
+  # benchmarks (benchmarks/hlo_traffic.py) attribute their cost.
+  with jax.named_scope("lorapro/adjust/products"):
+    prods = _Products(
+      *(cat(x) for x in zip(*(_products(p.layout, p.A, p.B, p.g_A, p.g_B) for p in ps)))
+    )
   s = cat([p.s for p in ps])
-  coef = _coefficients(prods, s, x_choice, damping, jnp.ones_like(s), order)
-  gamma_A = cat([amax(p.g_A) for p in ps])
-  gamma_B = cat([amax(p.g_B) for p in ps])
-  ok = _raw_trusted(prods, coef, gamma_A, gamma_B, s, x_choice, ps[0].rank, prods.G_A.dtype)
+  with jax.named_scope("lorapro/adjust/coefficients"):
+    coef = _coefficients(prods, s, x_choice, damping, jnp.ones_like(s), order)
+  with jax.named_scope("lorapro/adjust/guard"):
+    gamma_A = cat([amax(p.g_A) for p in ps])
+    gamma_B = cat([amax(p.g_B) for p in ps])
+    ok = _raw_trusted(prods, coef, gamma_A, gamma_B, s, x_choice, ps[0].rank, prods.G_A.dtype)
   log_path(ok)
-  out, token = jax.lax.cond(
-    ok,
-    lambda: (_raw_outputs(ps, coef), EighOrder.token(coef.M1)),
-    lambda: _normalised_outputs(ps, x_choice, damping),
-  )
+
+  def raw():
+    with jax.named_scope("lorapro/adjust/outputs"):
+      return _raw_outputs(ps, coef), EighOrder.token(coef.M1)
+
+  def normalised():
+    with jax.named_scope("lorapro/adjust/normalised"):
+      return _normalised_outputs(ps, x_choice, damping)
+
+  out, token = jax.lax.cond(ok, raw, normalised)
   order.wait_for(token)
   return out
 

@@ -474,52 +474,65 @@ def _raw_plan(ps, ms, h: batched.Hyper, x_choice, damping, order: batched.EighOr
   all of them batched together, and whether it can be trusted."""
   r, sizes = ps[0].rank, [p.s.shape[0] for p in ps]
   k = 4 if isinstance(ms[0], FactoredMoments) else 2
-  sides = [stack_sides(p, m) for p, m in zip(ps, ms)]
-  G = _cat_grams([grams(p, x) for p, x in zip(ps, sides)])
-  s = _cat([p.s for p in ps])
+  # The named scopes label each stage's ops in the compiled HLO, where the
+  # benchmarks (benchmarks/hlo_traffic.py) attribute their cost.
+  with jax.named_scope("lorapro/factored/grams"):
+    sides = [stack_sides(p, m) for p, m in zip(ps, ms)]
+    G = _cat_grams([grams(p, x) for p, x in zip(ps, sides)])
+    s = _cat([p.s for p in ps])
   g = _Guard()
   # Every base array's squared norm in range: above it its Gram block may have
   # overflowed; below it entries' squares may have underflowed (a zero array,
   # B = 0 or a zero moment at the first step, takes the normalised path too).
   info = jnp.finfo(G.inner.dtype)
   floor, ceiling = k * r * info.tiny / info.eps, info.eps / info.tiny
-  for norms in (G.inner_norms, G.outer_norms):
-    g.ok &= jnp.all((norms >= floor) & (norms <= ceiling))
+  with jax.named_scope("lorapro/factored/guard"):
+    for norms in (G.inner_norms, G.outer_norms):
+      g.ok &= jnp.all((norms >= floor) & (norms <= ceiling))
   N = s.shape[0]
-  eig = order.eigh(jnp.concatenate([_blocks(G.inner, r, 0, 0), _blocks(G.outer, r, 0, 0)]), damping)
-  th = Theorem21(eq.DampedEig(eig.w[:N], eig.Q[:N]), eq.DampedEig(eig.w[N:], eig.Q[N:]), s)
+  with jax.named_scope("lorapro/factored/eigh"):
+    eig = order.eigh(
+      jnp.concatenate([_blocks(G.inner, r, 0, 0), _blocks(G.outer, r, 0, 0)]), damping
+    )
+    th = Theorem21(eq.DampedEig(eig.w[:N], eig.Q[:N]), eq.DampedEig(eig.w[N:], eig.Q[N:]), s)
   b1 = h.b1 if k == 4 else 0.0
-  grad, first = gradient_and_moment(g, th, G, k, r, b1)
-  S_row, S_col = second_moment_forms(g, G, grad, r, s)
-  _output_bound(g, G.inner_norms, grad.L)
-  _output_bound(g, G.outer_norms, grad.R)
+  with jax.named_scope("lorapro/factored/gradient_and_moment"):
+    grad, first = gradient_and_moment(g, th, G, k, r, b1)
+  with jax.named_scope("lorapro/factored/second_moment"):
+    S_row, S_col = second_moment_forms(g, G, grad, r, s)
+  with jax.named_scope("lorapro/factored/guard"):
+    _output_bound(g, G.inner_norms, grad.L)
+    _output_bound(g, G.outer_norms, grad.R)
   vs, ds = [], []
-  per_group = zip(
-    ps,
-    ms,
-    sides,
-    _split(grad.L, sizes),
-    _split(grad.R, sizes),
-    _split(S_row, sizes),
-    _split(S_col, sizes),
-  )
-  for p, m, x, L, R, S_r, S_c in per_group:
-    arrays = (_in_combination(p.layout, x.I, L), _out_combination(p.layout, x.O, R))
-    v = second_moment(p, arrays, S_r, S_c, SecondMoment(m.row, m.col), h)
-    vs.append(v)
-    ds.append(direction_scales(v, h._replace(b1=b1)))
-  W = _cat_grams([weighted_grams(p, x, d) for p, x, d in zip(ps, sides, ds)])
-  c = eq.scale_by(s, *(_cat([d.c[i] for d in ds]) for i in range(3)))
-  up = project_direction(g, th, W, low_rank(g, k, r, s, first), c, k, r, x_choice)
+  with jax.named_scope("lorapro/factored/second_moment"):
+    per_group = zip(
+      ps,
+      ms,
+      sides,
+      _split(grad.L, sizes),
+      _split(grad.R, sizes),
+      _split(S_row, sizes),
+      _split(S_col, sizes),
+    )
+    for p, m, x, L, R, S_r, S_c in per_group:
+      arrays = (_in_combination(p.layout, x.I, L), _out_combination(p.layout, x.O, R))
+      vs.append(second_moment(p, arrays, S_r, S_c, SecondMoment(m.row, m.col), h))
+  with jax.named_scope("lorapro/factored/direction"):
+    ds = [direction_scales(v, h._replace(b1=b1)) for v in vs]
+    W = _cat_grams([weighted_grams(p, x, d) for p, x, d in zip(ps, sides, ds)])
+    c = eq.scale_by(s, *(_cat([d.c[i] for d in ds]) for i in range(3)))
+    up = project_direction(g, th, W, low_rank(g, k, r, s, first), c, k, r, x_choice)
+    ups = [Update(*x) for x in zip(*(_split(u, sizes) for u in up))]
+    firsts = [FirstMoment(*x) for x in zip(*(_split(u, sizes) for u in first))] if k == 4 else None
   bounded = [(up.L_k, G.inner_norms), (up.L, G.inner_norms)]
   bounded += [(up.R_r, G.outer_norms), (up.R, G.outer_norms)]
   if k == 4:
     bounded += [(first.L, G.inner_norms), (first.R, G.outer_norms)]
-  for C, norms in bounded:
-    _output_bound(g, norms, C)
-  ups = [Update(*x) for x in zip(*(_split(u, sizes) for u in up))]
-  firsts = [FirstMoment(*x) for x in zip(*(_split(u, sizes) for u in first))] if k == 4 else None
-  return g.verdict(), (sides, ds, ups, firsts, vs), up.L
+  with jax.named_scope("lorapro/factored/guard"):
+    for C, norms in bounded:
+      _output_bound(g, norms, C)
+    verdict = g.verdict()
+  return verdict, (sides, ds, ups, firsts, vs), up.L
 
 
 def _outputs(
@@ -585,16 +598,18 @@ def _step_jit(pairs, moments, h: batched.Hyper, x_choice, damping, record) -> li
     batched.log_path(ok)
 
     def raw(ps=ps, ms=ms, sides=sides, ds=ds, ups=ups, firsts=firsts, vs=vs, last=last):
-      results = [
-        _outputs(p, x, d, u, None if firsts is None else firsts[j], v, m)
-        for j, (p, m, x, d, u, v) in enumerate(zip(ps, ms, sides, ds, ups, vs))
-      ]
-      return results, batched.EighOrder.token(last)
+      with jax.named_scope("lorapro/factored/outputs"):
+        results = [
+          _outputs(p, x, d, u, None if firsts is None else firsts[j], v, m)
+          for j, (p, m, x, d, u, v) in enumerate(zip(ps, ms, sides, ds, ups, vs))
+        ]
+        return results, batched.EighOrder.token(last)
 
     def normalised(ps=ps, ms=ms):
-      inner = batched.EighOrder()  # one group after another inside the branch, too
-      results = [_normalised(p, m, h, x_choice, damping, inner) for p, m in zip(ps, ms)]
-      return results, batched.EighOrder.token(inner.zero)
+      with jax.named_scope("lorapro/factored/normalised"):
+        inner = batched.EighOrder()  # one group after another inside the branch, too
+        results = [_normalised(p, m, h, x_choice, damping, inner) for p, m in zip(ps, ms)]
+        return results, batched.EighOrder.token(inner.zero)
 
     results, token = jax.lax.cond(ok, raw, normalised)
     order.wait_for(token)

@@ -144,21 +144,31 @@ def step(
 def _step_jit(pairs, moments, h: batched.Hyper, x_choice, damping, record):
   del record  # a static argument: code traced to record paths is compiled apart
   order = batched.EighOrder()
-  zero_x = batched.adjust(pairs, "zero", damping, order)
+  # The named scopes label each stage's ops in the compiled HLO, where the
+  # benchmarks (benchmarks/hlo_traffic.py) attribute their cost.
+  with jax.named_scope("lorapro/full/adjust_zero"):
+    zero_x = batched.adjust(pairs, "zero", damping, order)
   projected, new = [], []
   for p, (g_A, g_B), m in zip(pairs, zero_x, moments, strict=True):
-    ok = raw_trusted(p, g_A, g_B)
+    with jax.named_scope("lorapro/full/guard"):
+      ok = raw_trusted(p, g_A, g_B)
     batched.log_path(ok)
 
     def raw(p=p, g_A=g_A, g_B=g_B, m=m):
-      D, m2 = update_moments(equivalent_gradient(p, g_A, g_B), m, h)
-      return project(p, D), m2
+      with jax.named_scope("lorapro/full/equivalent_gradient"):
+        g = equivalent_gradient(p, g_A, g_B)
+      with jax.named_scope("lorapro/full/moments"):
+        D, m2 = update_moments(g, m, h)
+      with jax.named_scope("lorapro/full/project"):
+        return project(p, D), m2
 
     def normalised(p=p, g_A=g_A, g_B=g_B, m=m):
-      D, m2 = update_moments(normalised_equivalent_gradient(p, g_A, g_B), m, h)
-      return normalised_project(p, D), m2
+      with jax.named_scope("lorapro/full/normalised"):
+        D, m2 = update_moments(normalised_equivalent_gradient(p, g_A, g_B), m, h)
+        return normalised_project(p, D), m2
 
     q, m2 = jax.lax.cond(ok, raw, normalised)
     projected.append(q)
     new.append(m2)
-  return batched.adjust(projected, x_choice, damping, order), new
+  with jax.named_scope("lorapro/full/adjust"):
+    return batched.adjust(projected, x_choice, damping, order), new
