@@ -99,7 +99,7 @@ def lorapro(
     the current factors' span every step (Theorem 2.1 with X = 0); the second
     moment is factored as Adafactor's (row and column EMAs of g̃² + ε², formed
     from the factors). No m×n array is formed. With ``b1=0.0`` (a Python
-    number) only the second moment is kept. See README, "The factored mode".
+    number) only the second moment is kept. See docs/factored.md.
 
   Leading axes of a pair's leaves are batch axes (stacked or scanned layers,
   experts): each slice is adjusted independently. All pairs are adjusted in one
