@@ -1,4 +1,4 @@
-"""Where the efficient-mode train step's time goes (findings F6 and F9 in benchmarks/README.md).
+"""Where the efficient-mode train step's time goes (findings F6 and F9 in benchmarks/FINDINGS.md).
 
     python -m benchmarks.breakdown                 # Llama-2-7B shapes, 2 layers, r = 8
     python -m benchmarks.breakdown --layers 8 --rank 16
@@ -40,7 +40,7 @@ import optax
 
 import lorapro_jax as lpj
 from benchmarks import hlo_traffic, models, timing
-from benchmarks.train_step import LR, SCALE, WD
+from benchmarks.optimizers import LR, SCALE, WD
 
 # The finite-output bound needs max|g| of both gradients of every pair.
 

@@ -28,26 +28,15 @@ import time
 import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODES = ("adamw", "efficient", "factored", "factored-b1=0", "full")
+MODES = ("adamw", "efficient", "factored", "factored-b1=0", "full")  # optimizers.MODES
 
 
 def make_tx(mode: str):
-  import optax
+  from benchmarks import optimizers
 
-  import lorapro_jax as lpj
-  from benchmarks.train_step import LR, SCALE, WD, efficient_tx
-
-  if mode == "adamw":
-    return optax.adamw(LR, weight_decay=WD)
-  if mode == "efficient":
-    return efficient_tx()
-  if mode == "factored":
-    return lpj.lorapro_adamw(LR, scale=SCALE, mode="factored", weight_decay=WD)
-  if mode == "factored-b1=0":
-    return lpj.lorapro_adamw(LR, scale=SCALE, mode="factored", weight_decay=WD, b1=0.0)
-  if mode == "full":
-    return lpj.lorapro_adamw(LR, scale=SCALE, mode="full", weight_decay=WD)
-  raise ValueError(mode)
+  if mode not in optimizers.MODES:
+    raise ValueError(mode)
+  return optimizers.MODES[mode]()
 
 
 def measure_one(mode: str, pairs: int, dim: int = 512, rank: int = 8, fast: bool = False) -> dict:

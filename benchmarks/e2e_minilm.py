@@ -18,7 +18,6 @@ returned as ``{"skipped": reason}`` naming the package.
 from __future__ import annotations
 
 import argparse
-import json
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +26,7 @@ import optax
 
 import lorapro_jax as lpj
 from benchmarks import timing
-from benchmarks.train_step import LR, WD
+from benchmarks.optimizers import LR, WD
 
 _OURS = ("examples", "lorapro_jax", "benchmarks")
 
@@ -221,12 +220,7 @@ def main(argv=None):
     "e2e": res,
   }
   if args.out:
-    with open(args.out, "w") as f:
-      json.dump(out, f, indent=1, default=str)
-    with open(
-      args.out[: -len(".json")] + ".txt" if args.out.endswith(".json") else args.out + ".txt", "w"
-    ) as f:
-      f.write("\n".join(lines) + "\n")
+    timing.write_report(args.out, out, "\n".join(lines))
   return out
 
 

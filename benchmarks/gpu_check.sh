@@ -178,8 +178,11 @@ if [ "$DRY" = "1" ]; then
   step pytest 60 "$PY" -m pytest "${TESTS[@]}" -q -p no:cacheprovider --collect-only
   step train_step 60 "$PY" -m benchmarks.train_step --model tiny --layers 1 --rounds 1 \
     --target-s 0.02 --out "$OUTDIR/train_step.json"
-  step modes 90 "$PY" -m benchmarks.factored_cost --model tiny --layers 1 --full --repeats 1 \
-    --rounds 1 --target-s 0.02 --no-profile --ksweep '' --out "$OUTDIR/modes-L1.json"
+  # (XLA's unoptimised build: the dry run checks the commands, and the factored step's
+  # optimised compile alone can take a minute on a loaded 2-core CPU)
+  step modes 150 "$PY" -m benchmarks.factored_cost --model tiny --layers 1 --full --repeats 1 \
+    --rounds 1 --target-s 0.02 --no-profile --ksweep '' --fast-compile \
+    --out "$OUTDIR/modes-L1.json"
   step bench 90 "$PY" -m benchmarks.run --smoke --sections update --no-plot \
     --out-dir "$OUTDIR/bench" --tag dry-run
   step breakdown 60 "$PY" -m benchmarks.breakdown --model tiny --layers 1 --rounds 1 \

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib
+import json
 import os
 import platform
 import subprocess
@@ -82,6 +83,39 @@ def provenance() -> dict:
     "lorapro_jax_path": pkg,
     "lorapro_jax_sha256": digest.hexdigest(),
   }
+
+
+def header(result: dict) -> str:
+  """The first line of a text report: device, jax, commit and modified files."""
+  prov = result.get("provenance") or {}
+  modified = prov.get("git_modified")
+  return (
+    f"device: {result['device']['label']}; jax {result['device']['jax']}; "
+    f"commit {prov.get('git_commit')}" + (f" (modified: {', '.join(modified)})" if modified else "")
+  )
+
+
+def write_report(json_path: str, result: dict, text: str) -> str:
+  """``result`` as JSON at ``json_path`` and ``text`` next to it (``.txt``); the text path."""
+  os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+  with open(json_path, "w") as f:
+    json.dump(result, f, indent=1, default=str)
+  txt_path = os.path.splitext(json_path)[0] + ".txt"
+  with open(txt_path, "w") as f:
+    f.write(text + "\n")
+  return txt_path
+
+
+def enable_op_profiles() -> None:
+  """Sets ``XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true`` for per-op profiles
+  (`train_step.profile_ops`); it must be set before JAX starts its backends."""
+  if "xprof_traceme" in os.environ.get("XLA_FLAGS", ""):
+    return
+  if jax._src.xla_bridge.backends_are_initialized():  # too late for the flag: run anew
+    raise SystemExit("--profile: set XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true")
+  os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true"
+  ).strip()
 
 
 def tree_bytes(tree) -> int:
@@ -239,3 +273,19 @@ def measure(
       for _ in range(n):
         r.times.append(r.call())
   return {r.name: summarise(r.times) for r in runners}
+
+
+def measure_repeatedly(runners: Sequence, repeats: int, *, log, label: str = "", **kw) -> list:
+  """``repeats`` independent `measure` calls of the same compiled runners (the spread of
+  their ratios): each ``{"res": {name: summary}, "times": {name: every call's seconds}}``."""
+  out = []
+  for rep in range(repeats):
+    for rn in runners:
+      rn.times = []
+    res = measure(runners, **kw)
+    out.append({"res": res, "times": {rn.name: list(rn.times) for rn in runners}})
+    log(
+      f"{label}measurement {rep + 1}/{repeats}: "
+      + ", ".join(f"{k} {v['median_ms']:.2f} ms" for k, v in res.items())
+    )
+  return out

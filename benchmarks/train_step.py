@@ -1,4 +1,4 @@
-"""Efficient mode as users run it: the donated train step (finding F9 in benchmarks/README.md).
+"""Efficient mode as users run it: the donated train step (finding F9 in benchmarks/FINDINGS.md).
 
     python -m benchmarks.train_step                      # Llama-2-7B shapes, r = 8, L = 1, 2, 8
     python -m benchmarks.train_step --layers 2 --profile out/prof   # + per-HLO-op CPU times
@@ -16,7 +16,7 @@ gradients are fixed inputs (not donated)::
 
 with ``tx = optax.adamw(LR, weight_decay=WD)`` (plain LoRA) and
 ``tx = optax.chain(lpj.lorapro(SCALE), optax.adamw(LR, weight_decay=WD))``
-(LoRA-Pro efficient mode), both with the same weight decay. The arms of one
+(LoRA-Pro efficient mode), both with the same weight decay (`benchmarks.optimizers`). The arms of one
 configuration are timed interleaved over rounds, so the ratio comes from the
 same rounds of the same run; each configuration prints its median ratio.
 """
@@ -37,20 +37,18 @@ import jax
 import jax.numpy as jnp
 import optax
 
-import lorapro_jax as lpj
-from benchmarks import models, timing
-
-LR = 1e-4
-WD = 1e-4  # optax.adamw's default, given explicitly: every arm decays alike
-SCALE = 2.0  # LoRA's alpha / r with alpha = 2r; timing does not depend on it
+from benchmarks import models, optimizers, timing
 
 
 def train_step(tx):
   """The step users run: optimizer update and apply_updates."""
 
   def step(params, state, grads):
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
+    # Scopes for `hlo_traffic`'s attribution of the ops outside LoRA-Pro's own stages.
+    with jax.named_scope("step/update"):
+      updates, state = tx.update(grads, state, params)
+    with jax.named_scope("step/apply_updates"):
+      return optax.apply_updates(params, updates), state
 
   return step
 
@@ -61,15 +59,11 @@ def runner(name, tx, params, grads) -> timing.Runner:
   return timing.Runner(name, train_step(tx), [params, tx.init(params), grads], carry=(0, 1))
 
 
-def efficient_tx(lib=lpj, x_choice="sylvester"):
-  return optax.chain(lib.lorapro(SCALE, x_choice=x_choice), optax.adamw(LR, weight_decay=WD))
-
-
 def arms(modules=()):
   """name -> optimizer; ``modules``: (label, importable package) pairs, e.g. a patched copy."""
-  out = {"adamw": optax.adamw(LR, weight_decay=WD), "lorapro+adamw": efficient_tx()}
+  out = {"adamw": optimizers.adamw_tx(), "lorapro+adamw": optimizers.efficient_tx()}
   for label, mod in modules:
-    out[f"lorapro[{label}]+adamw"] = efficient_tx(importlib.import_module(mod))
+    out[f"lorapro[{label}]+adamw"] = optimizers.efficient_tx(lib=importlib.import_module(mod))
   return out
 
 
@@ -145,12 +139,8 @@ def main(argv=None):
   ap.add_argument("--profile", default=None, help="write per-op profiles (JSON) here")
   ap.add_argument("--out", default=None, help="write the rows as JSON here")
   args = ap.parse_args(argv)
-  if args.profile and "xprof_traceme" not in os.environ.get("XLA_FLAGS", ""):
-    if jax._src.xla_bridge.backends_are_initialized():  # too late for the flag: run anew
-      raise SystemExit("--profile: set XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true")
-    os.environ["XLA_FLAGS"] = (
-      os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true"
-    ).strip()
+  if args.profile:
+    timing.enable_op_profiles()
   warnings.filterwarnings("ignore", message=".*[Dd]onat.*")
   modules = [tuple(m.split("=", 1)) for m in args.module]
   out = {"device": timing.device_info(), "provenance": timing.provenance(), "rows": []}
