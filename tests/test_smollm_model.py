@@ -60,6 +60,11 @@ IDS = np.array(
 )
 
 
+# Jitted: eager dispatch compiles every small op separately, which is slower here.
+_forward = nnx.jit(lambda model, ids: model(ids))
+_decode = nnx.jit(lambda model, ids, cache: model.decode(ids, cache))
+
+
 def _model(tensors, c):
   model = Llama(c, nnx.Rngs(0))
   load_tensors(model, W.hf_layout(tensors, c))
@@ -74,7 +79,7 @@ def _assert_close(ours, ref):
 def test_forward_matches_float64_reference():
   c = tiny.CONFIG
   tensors = tiny.random_tensors(c, seed=1)
-  logits = _model(tensors, c)(jnp.asarray(IDS))
+  logits = _forward(_model(tensors, c), jnp.asarray(IDS))
   for b in range(len(IDS)):
     _assert_close(logits[b], reference_logits(tensors, c, IDS[b]))
 
@@ -89,7 +94,7 @@ def test_loaded_gguf_matches_reference_on_dequantized_tensors(tmp_path):
     t.name: gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist())))
     for t in reader.tensors
   }
-  _assert_close(model(jnp.asarray(IDS[:1]))[0], reference_logits(deq, model.c, IDS[0]))
+  _assert_close(_forward(model, jnp.asarray(IDS[:1]))[0], reference_logits(deq, model.c, IDS[0]))
 
 
 def test_untied_head_and_multi_query_attention():
@@ -99,17 +104,17 @@ def test_untied_head_and_multi_query_attention():
   tensors = tiny.random_tensors(c, seed=3)
   model = _model(tensors, c)
   assert model.head.weight is not model.embed_tokens.embedding
-  _assert_close(model(jnp.asarray(IDS[1:]))[0], reference_logits(tensors, c, IDS[1]))
+  _assert_close(_forward(model, jnp.asarray(IDS[1:]))[0], reference_logits(tensors, c, IDS[1]))
 
 
 def test_kv_cache_decode_matches_full_forward():
   c = tiny.CONFIG
   model = _model(tiny.random_tensors(c, seed=4), c)
-  full = np.asarray(model(jnp.asarray(IDS[:1])))[0]
+  full = np.asarray(_forward(model, jnp.asarray(IDS[:1])))[0]
   cache = model.init_cache(1, 16)
-  last, cache = model.decode(jnp.asarray(IDS[:1, :5]), cache)  # a prompt chunk, then tokens
+  last, cache = _decode(model, jnp.asarray(IDS[:1, :5]), cache)  # a prompt chunk, then tokens
   np.testing.assert_allclose(last[0], full[4], atol=1e-5 * np.abs(full).max())
   for j in range(5, IDS.shape[1]):
-    last, cache = model.decode(jnp.asarray(IDS[:1, j : j + 1]), cache)
+    last, cache = _decode(model, jnp.asarray(IDS[:1, j : j + 1]), cache)
     np.testing.assert_allclose(last[0], full[j], atol=1e-5 * np.abs(full).max())
   assert int(cache[0].length) == IDS.shape[1]
