@@ -23,7 +23,6 @@ TINY = [
   "--validation-examples=8",
   "--test-examples=8",
   f"--modules={MODULES}",
-  "--cache-dir=",
   "--no-progress",
 ]
 
@@ -37,7 +36,8 @@ def gguf_path(tmp_path_factory):
 
 def test_study_smoke_resumes_and_reports(gguf_path, tmp_path, capsys):
   results = tmp_path / "runs.jsonl"
-  argv = [f"--gguf={gguf_path}", f"--results={results}", *TINY, "--study", "--seeds=0,1"]
+  argv = [f"--gguf={gguf_path}", f"--results={results}", f"--cache-dir={tmp_path / 'cache'}"]
+  argv += [*TINY, "--study", "--seeds=0,1"]
   argv += ["--methods=lora,lorapro_factored", "--lrs", "lora=1e-3,1e-2,1e-1"]
   argv += ["lorapro_factored=1e-3", "--max-extend=0"]
   assert compare.main(argv) == 0

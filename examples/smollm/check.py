@@ -66,12 +66,14 @@ def compare(model: Llama, tok, fixture: dict, last: dict) -> dict:
   graphdef, state = nnx.split(model)
   logits = np.asarray(jax.jit(lambda s, b: nnx.merge(graphdef, s)(b))(state, jnp.asarray(batch)))
   rows, agree, total, in_top = [], 0, 0, 0
-  corr = []
+  corr, margins = [], []
   for i, p in enumerate(prompts):
     ours = logits[i, : len(p["ids"])]
     top = np.asarray(p["top_ids"])
     a = ours.argmax(-1) == top[:, 0]
     agree, total = agree + int(a.sum()), total + len(a)
+    gap = np.asarray(p["top_logits"])[:, 0] - np.asarray(p["top_logits"])[:, 1]
+    margins += [round(float(g), 4) for g in gap[~a]]
     in_top += int(sum(o in t for o, t in zip(ours.argmax(-1), top)))
     theirs = last[f"prompt{i}"].astype(np.float64)
     r = float(np.corrcoef(ours[-1], theirs)[0, 1])
@@ -94,6 +96,8 @@ def compare(model: Llama, tok, fixture: dict, last: dict) -> dict:
     "top1_agreement": agree / total,
     "positions": total,
     "ours_top1_in_llamacpp_top10": in_top / total,
+    # llama.cpp's top-1 minus top-2 logit where the top-1 tokens differ: near-ties.
+    "llamacpp_margin_where_top1_differs": sorted(margins),
     "last_position_corr_min": min(corr),
     "last_position_corr_mean": float(np.mean(corr)),
     "all_token_ids_equal": all(r["same_token_ids"] for r in rows),

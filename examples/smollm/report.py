@@ -16,10 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from examples.minilm.study_report import T_CRIT  # two-sided 95% t quantiles by n
 from examples.smollm.train import LABELS
-
-# Two-sided 95% quantiles of Student's t by degrees of freedom (1-9).
-_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 def commit() -> str:
@@ -107,7 +105,7 @@ def summarize(runs: list[dict], split: str = "test") -> list[dict]:
     if method != "lora" and len(paired) >= 2:
       d = np.array([seeds[s][split]["loss"] - base[s][split]["loss"] for s in paired])
       e = np.array([seeds[s][split]["em"] - base[s][split]["em"] for s in paired])
-      half = _T95.get(len(d) - 1, 2.0) * d.std(ddof=1) / np.sqrt(len(d))
+      half = T_CRIT.get(len(d), 2.0) * d.std(ddof=1) / np.sqrt(len(d))
       verdict = "within noise" if abs(d.mean()) <= half else ("better" if d.mean() < 0 else "worse")
       row |= {
         "d_loss": _mean_std(d),
