@@ -16,7 +16,16 @@ from flax import nnx
 from examples.smollm import data
 from examples.smollm.model import load_gguf
 from examples.smollm.tokenizer import tokenizer_from_gguf
-from examples.smollm.train import Config, Split, Trainer, frozen_cache, run, top_stack, with_lora
+from examples.smollm.train import (
+  TARGETS,
+  Config,
+  Split,
+  Trainer,
+  frozen_cache,
+  run,
+  top_stack,
+  with_lora,
+)
 from examples.smollm.weights import locate_gguf
 
 PAD_ID = 2  # <|im_end|>: padding after the answer, never a target
@@ -25,7 +34,10 @@ PAD_ID = 2  # <|im_end|>: padding after the answer, never a target
 def config_key(cfg: Config, gguf: Path) -> str:
   """Names the setting of a run: the config, the weights file and the Python (whose stdlib
   is the data)."""
-  blob = json.dumps([dataclasses.asdict(cfg), gguf.name, platform.python_version()], sort_keys=True)
+  fields = dataclasses.asdict(cfg)
+  if fields["targets"] == TARGETS:  # a later field: the default leaves earlier keys unchanged
+    del fields["targets"]
+  blob = json.dumps([fields, gguf.name, platform.python_version()], sort_keys=True)
   return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 

@@ -73,6 +73,7 @@ class Config:
   test_examples: int = 192
   eval_batch: int = 32
   data_seed: int = 0
+  targets: str = TARGETS  # Qwix module-path regex of the adapted projections
 
   @property
   def scale(self) -> float:
@@ -108,8 +109,8 @@ def top_stack(model: Llama, train_layers: int) -> TopStack:
 
 def with_lora(top: TopStack, cfg: Config, seed: int) -> TopStack:
   """A copy of ``top`` with Qwix LoRA (``kernel_lora_a`` seeded by ``seed``, B = 0) on
-  every attention and MLP projection."""
-  provider = qwix.LoraProvider(module_path=TARGETS, rank=cfg.rank, alpha=cfg.alpha)
+  the projections ``cfg.targets`` matches (default: every attention and MLP projection)."""
+  provider = qwix.LoraProvider(module_path=cfg.targets, rank=cfg.rank, alpha=cfg.alpha)
   sample = jnp.zeros((1, cfg.seq_len, top.head.norm.weight.shape[0]), jnp.float32)
   return qwix.apply_lora_to_model(nnx.clone(top), provider, sample, rngs=nnx.Rngs(seed))
 
