@@ -13,7 +13,12 @@ arbitrary LoRA gradients. Properties, in every mode and for every x_choice:
   <g_lora^A, g^A> + <g_lora^B, g^B> >= 0 up to rounding, whenever both Gram
   matrices are well conditioned and no output saturated. (The X terms cancel
   exactly for consistent gradients: <g_lora^A, X·A> = <g_lora^B, B·X> =
-  s·tr(X·A·gᵀ·B); what remains is a sum of PSD forms.)
+  s·tr(X·A·gᵀ·B); what remains is a sum of PSD forms.) Compiled: each case
+  runs every mode and x_choice in one jitted function (`_compiled_steps`).
+  Its shapes come from a fixed set of buckets (`BUCKETS`), so that each
+  bucket compiles once per dtype; everything else a case draws (magnitudes,
+  zero, rank-deficient and one-hot patterns, s, the values) reaches that
+  function as data, arrays or the injected scale.
 * `test_accuracy_against_float64_reference`: in float32 and float64,
   efficient mode (compiled; op by op too in a campaign), the adjusted pair
   matches the float64 reference (`reference.lorapro_gradients`) on the cases
@@ -27,10 +32,14 @@ Every property a test advertises must have been checked at least once in the
 run, or the module fails at teardown (`checked`): a property that its
 strategies never reach is a test that cannot fail.
 
-The default profile runs a modest number of examples over a small pool of
-shapes (every new shape compiles). A larger campaign, which also adds shapes:
+The default profile runs 25 examples (derandomised) over the first four shape
+buckets; a campaign (``LORAPRO_FUZZ_EXAMPLES``, with a seed) uses every bucket
+and the accuracy test's larger shapes. The finite-output campaign compiles
+9 buckets × 4 dtypes (~1 min each on a shared 2-core CPU), then runs a case
+in milliseconds; results in benchmarks/results/fuzz_campaigns.md:
 
-    LORAPRO_FUZZ_EXAMPLES=2000 python -m pytest tests/test_fuzz.py -q --hypothesis-show-statistics
+    LORAPRO_FUZZ_EXAMPLES=10000 python -m pytest tests/test_fuzz.py -q -s -p no:cacheprovider \
+      --hypothesis-show-statistics --hypothesis-seed=<seed> -k test_finite
 """
 
 from __future__ import annotations
@@ -62,25 +71,29 @@ FUZZ = settings(
 )
 X_CHOICES = ("sylvester", "zero", "symmetric")
 
-# (batch shape, m, n, r): r = 1, r > min(m, n), m = 1, n = 1, stacked axes.
-# Each shape compiles once per dtype (several seconds), so the default pool is
-# small; a campaign adds more.
-SHAPES = [((2,), 1, 5, 1), ((), 6, 1, 3), ((2, 1), 3, 4, 5), ((), 5, 2, 1)]
+# Shape buckets (batch shape, m, n, r) of the finite-output test: every case draws
+# one, and the test compiles once per bucket and dtype (`_compiled_steps`): magnitudes,
+# zero, rank-deficient and one-hot patterns, s and the values are data. Together they
+# have r = 1, r > min(m, n) (r > m, r > n, r > both), r = m, m = 1, n = 1, one and two
+# stacked axes. The default profile draws from the first four.
+BUCKETS = {
+  "stacked, m = 1, r = 1": ((2,), 1, 5, 1),
+  "n = 1 < r < m": ((), 6, 1, 3),
+  "2 stacked axes, r > m, n": ((2, 1), 3, 4, 5),
+  "r = 1 < n < m": ((), 5, 2, 1),
+  "m = n = r = 1": ((), 1, 1, 1),
+  "r = 2 < n < m": ((), 7, 5, 2),
+  "r = m < n": ((), 2, 9, 2),
+  "stacked, r > m, n": ((3,), 7, 9, 12),
+  "r = 8 < n < m": ((), 16, 12, 8),
+}
+SHAPES = list(BUCKETS.values())[: None if CAMPAIGN else 4]
+BUCKET_NAMES = {shape: name for name, shape in BUCKETS.items()}
 # Shapes of the accuracy test: m, n > r (for m <= r, g^B is a difference of nearly
 # equal terms; for n <= r, with X from Eq. 15 or 16, so is g^A). test_theorems
 # compiles the update of (7, 5, 2) in float32 and float64 as well.
 ACCURACY_SHAPES = [((), 5, 2, 1), ((), 7, 5, 2)]
 if CAMPAIGN:
-  SHAPES += [
-    ((), 5, 4, 1),
-    ((2,), 1, 5, 2),
-    ((), 1, 1, 1),
-    ((), 3, 6, 4),
-    ((), 2, 9, 2),
-    ((3,), 7, 9, 12),
-    ((), 16, 12, 8),
-    ((), 7, 5, 2),
-  ]
   ACCURACY_SHAPES += [((), 5, 4, 1), ((2,), 9, 6, 3), ((), 16, 12, 8)]
 DTYPES = {
   "float16": np.float16,
@@ -360,53 +373,73 @@ UNDERFLOW_CASE = {
 }
 
 
-_COMPILED_CALLS = [0]
+MODES = ("efficient", "full", "factored")
 
 
 @functools.cache
-def _compiled(mode, x_choice, batch_axes):
-  """``lorapro`` with its scale injected (one compilation serves every scale) and its
-  update jitted (jax caches one compilation per shape and dtype)."""
-  tx = optax.inject_hyperparams(lpj.lorapro)(
-    scale=1.0, mode=mode, x_choice=x_choice, pairs=lpj.LoRASpec(batch_axes=batch_axes)
-  )
-  return tx, jax.jit(tx.update)
+def _transforms(batch_axes):
+  """``lorapro`` in every mode and with every x_choice, its scale injected (data)."""
+  pairs = lpj.LoRASpec(batch_axes=batch_axes)
+  return {
+    (mode, x): optax.inject_hyperparams(lpj.lorapro)(scale=1.0, mode=mode, x_choice=x, pairs=pairs)
+    for mode in MODES
+    for x in X_CHOICES
+  }
 
 
-def _transform(case, mode, x_choice):
-  """(init, update) of ``lorapro`` for the case: op by op by default; compiled for a
-  case drawn with ``jit`` (campaigns: eager updates cost ~0.1 s each, and XLA's
-  rewrites are what compiled code adds)."""
-  if not case.get("jit"):
-    tx = lpj.lorapro(case["s"], mode=mode, x_choice=x_choice, pairs=_spec(case))
-    return tx.init, tx.update
-  _COMPILED_CALLS[0] += 1
-  if _COMPILED_CALLS[0] % 1500 == 0:
-    # Every executable maps memory: a campaign of a few hundred shapes × dtypes ×
-    # transformations ran out of memory maps (vm.max_map_count) and LLVM aborted.
-    jax.clear_caches()
-    _compiled.cache_clear()
-  tx, update = _compiled(mode, x_choice, len(case["batch"]))
-
-  def init(params):
-    state = tx.init(params)
-    scale = state.hyperparams["scale"]
-    state.hyperparams["scale"] = jnp.asarray(case["s"], scale.dtype)
-    return state
-
-  return init, update
+@functools.cache
+def _initial_states(batch_axes, a_shape, b_shape, dtype):
+  """Every transformation's initial state (zeros: it depends on shapes and dtype only)."""
+  params = {"lora_a": jnp.zeros(a_shape, dtype), "lora_b": jnp.zeros(b_shape, dtype)}
+  return {k: tx.init(params) for k, tx in _transforms(batch_axes).items()}
 
 
-@st.composite
-def finite_cases(draw):
-  case = draw(cases())
-  # Compiled in a campaign (9 in 10 cases), op by op otherwise.
-  case["jit"] = draw(st.integers(0, 9)) > 0 if CAMPAIGN else False
-  return case
+@functools.cache
+def _compiled_steps(batch_axes):
+  """Every mode and x_choice on one case in one jitted function, so that a shape
+  bucket compiles once per dtype (jax caches the compilation by shape and dtype).
+
+  Efficient mode takes one step. Full and factored mode take two, in a
+  `jax.lax.scan` (the update compiles once): the moments from zero, then from
+  non-zero moments with the gradients negated; the factored mode's second step
+  also projects its momentum onto new factors p - 1e-3·u (where finite).
+  Returns {(mode, x_choice): (updates, state)}, with a leading step axis for full
+  and factored mode.
+
+  One executable per bucket and dtype keeps a campaign within the process's memory
+  maps: the 36 of a campaign map ~39,000 regions (vm.max_map_count: 65,530), where
+  nine separately compiled updates per shape and dtype ran out of them (LLVM:
+  'Cannot allocate memory')."""
+  txs = _transforms(batch_axes)
+
+  def steps(states, params, grads, s):
+    results = {}
+    for (mode, x), tx in txs.items():
+      state = states[mode, x]
+      scale = jnp.asarray(s, state.hyperparams["scale"].dtype)
+      state = state._replace(hyperparams={**state.hyperparams, "scale": scale})
+      if mode == "efficient":
+        results[mode, x] = tx.update(grads, state, params)
+        continue
+
+      def step(carry, i, tx=tx, mode=mode):
+        state, p = carry
+        signed = jax.tree.map(lambda g: jnp.where(i == 0, g, -g), grads)
+        out, state = tx.update(signed, state, p)
+        if mode == "factored":  # new factors, for the momentum's projection
+          moved = jax.tree.map(lambda x, u: (x - 1e-3 * u).astype(x.dtype), p, out)
+          finite = jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(moved)]))
+          p = jax.tree.map(lambda x, y: jnp.where(finite, x, y), moved, p)
+        return (state, p), (out, state)
+
+      results[mode, x] = jax.lax.scan(step, (state, params), jnp.arange(2))[1]
+    return results
+
+  return jax.jit(steps)
 
 
 @FUZZ
-@given(case=finite_cases())
+@given(case=cases())
 # Found by a 400-example campaign: full mode returned NaN (the compiled fallback
 # divided by α·α, which underflowed; see lorapro_jax.equations.rescale).
 @example(
@@ -428,8 +461,9 @@ def finite_cases(draw):
 )
 @example(case=UNDERFLOW_CASE)
 def test_finite_inputs_give_finite_outputs_and_descent(checked, case):
-  if case.get("jit"):
-    event("compiled")
+  shape = (case["batch"], case["m"], case["n"], case["r"])
+  event(f"bucket: {BUCKET_NAMES.get(shape, shape)}")
+  event(f"dtype: {case['dtype']}")
   data = _inputs(case)
   assume(data is not None)
   params, grads, (A, B, gA, gB) = data
@@ -437,32 +471,22 @@ def test_finite_inputs_give_finite_outputs_and_descent(checked, case):
   name = "test_finite_inputs_give_finite_outputs_and_descent"
   _count(checked, name)
   with _x64(case):
-    params, grads = jax.tree.map(jnp.asarray, (params, grads))
-    for x_choice in X_CHOICES:
-      init, update = _transform(case, "efficient", x_choice)
-      out, _ = update(grads, init(params), params)
-      _assert_finite(out, ("efficient", x_choice))
-      assert all(np.asarray(x).dtype == dt for x in jax.tree.leaves(out))
-      _count(checked, name, f"finite efficient ({x_choice})")
-      if case["consistent"]:
-        _check_descent(checked, case, gA, gB, out, A, B, x_choice)
-
-      # Full and factored mode: two steps (moments from zero, then non-zero; the
-      # factored mode's second step also projects its momentum onto new factors).
-      for mode in ("full", "factored"):
-        init, update = _transform(case, mode, x_choice)
-        state, p = init(params), params
-        for step_grads in (grads, jax.tree.map(lambda x: -x, grads)):
-          out, state = update(step_grads, state, p)
-          _assert_finite(out, (mode, x_choice))
-          _assert_finite(state, (f"{mode} state", x_choice))
-          if mode == "factored":  # new factors, for the momentum's projection
-            moved = jax.tree.map(lambda x, u: (x - 1e-3 * u).astype(x.dtype), p, out)
-            finite = all(
-              np.all(np.isfinite(np.asarray(x, np.float64))) for x in jax.tree.leaves(moved)
-            )
-            p = moved if finite else p
-        _count(checked, name, f"finite {mode} ({x_choice})")
+    batch_axes = len(case["batch"])
+    states = _initial_states(batch_axes, params["lora_a"].shape, params["lora_b"].shape, dt)
+    results = _compiled_steps(batch_axes)(states, params, grads, case["s"])
+    results = jax.device_get(results)
+  for x_choice in X_CHOICES:
+    out, _ = results["efficient", x_choice]
+    _assert_finite(out, ("efficient", x_choice))
+    assert all(np.asarray(x).dtype == dt for x in jax.tree.leaves(out))
+    _count(checked, name, f"finite efficient ({x_choice})")
+    if case["consistent"]:
+      _check_descent(checked, case, gA, gB, out, A, B, x_choice)
+    for mode in ("full", "factored"):
+      outs, states = results[mode, x_choice]  # both steps
+      _assert_finite(outs, (mode, x_choice))
+      _assert_finite(states, (f"{mode} state", x_choice))
+      _count(checked, name, f"finite {mode} ({x_choice})")
 
 
 @st.composite
