@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from examples.smollm import report
 from examples.smollm.model import Llama, load_gguf
 from examples.smollm.tokenizer import chat_prompt, encode, tokenizer_from_gguf
 
@@ -131,7 +132,9 @@ def main(a) -> dict:
   tok = tokenizer_from_gguf(reader)
   fixture = json.loads((FIXTURE / "llamacpp.json").read_text(encoding="utf-8"))
   last = dict(np.load(FIXTURE / "llamacpp_last_logits.npz"))
-  result = {"fixture": fixture["meta"]} | compare(model, tok, fixture, last)
+  result = {"commit": report.commit(), "fixture": fixture["meta"]} | compare(
+    model, tok, fixture, last
+  )
   result["generations"] = generations(model, tok, fixture)
   print(
     f"top-1 agreement {result['top1_agreement']:.3f} over {result['positions']} positions; "
