@@ -47,8 +47,8 @@ SWEEP_LRS = {
 # Each method's lr with the lowest mean validation loss in the study (results/study.jsonl).
 DEFAULT_LRS = {
   "lora": 1e-2,
-  "lorapro_efficient": 1e-2,
-  "lorapro_full": 1e-3,
+  "lorapro_efficient": 3e-3,
+  "lorapro_full": 3e-3,
   "lorapro_factored": 1e-3,
 }
 # Qwix module paths of the adapted projections: attention and MLP of every trained block.
