@@ -21,12 +21,12 @@ from examples.smollm.train import LABELS
 
 
 def commit() -> str:
-  """The repository's HEAD, with ``+dirty`` when ``examples/smollm`` has uncommitted edits."""
+  """The repository's HEAD, with ``+dirty`` when ``examples/smollm`` has uncommitted code."""
   root = Path(__file__).resolve().parents[2]
   run = lambda *a: subprocess.run(a, cwd=root, capture_output=True, text=True).stdout.strip()
   head = run("git", "rev-parse", "--short=12", "HEAD") or "unknown"
   dirty = run("git", "status", "--porcelain", "--", "examples/smollm/")
-  changed = [ln for ln in dirty.splitlines() if not ln[3:].startswith("examples/smollm/results")]
+  changed = [ln for ln in dirty.splitlines() if ln.endswith(".py")]  # code, not results or prose
   return head + ("+dirty" if changed else "")
 
 
