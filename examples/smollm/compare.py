@@ -90,9 +90,9 @@ def _setup(cfg, a, splits):
 def train_all(cfg: Config, a, eval_splits) -> list[dict]:
   """Zero-shot and every (method, lr, seed) of the grids, skipping the runs already in
   ``a.results``; with ``--study``, a grid whose best lr is at an edge grows past it."""
+  commit = report.commit()  # before loading: the code this process runs
   setup = _setup(cfg, a, ("train", *eval_splits))
   done = {report.key(r): r for r in report.load(a.results)}
-  commit = report.commit()
 
   def record(r):
     r |= {"commit": commit, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
