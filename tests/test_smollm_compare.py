@@ -74,6 +74,9 @@ def test_lr_grid_extension_and_choice():
   ]
   choice = report.choose_lrs(runs)["lora"]
   assert choice["lr"] == 3e-3 and choice["interior"]
+  # The main command's records: one lr per method, test only.
+  main = [{"method": m, "lr": 1e-3, "seed": 0, "test": {"loss": 1.0, "em": 0.5}} for m in METHODS]
+  assert [r["method"] for r in report.summarize(main)] == list(METHODS)
 
 
 def test_state_bytes_of_every_mode():

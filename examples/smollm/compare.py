@@ -136,7 +136,9 @@ def main(argv=None) -> int:
   cfg, a = parse_args(argv)
   if a.report:
     runs = report.load(a.results)
-    print(report.format_grid(runs) + "\n\n" + report.format_table(report.summarize(runs)))
+    if any("validation" in r for r in runs):  # the study's grid (the main command has none)
+      print(report.format_grid(runs) + "\n")
+    print(report.format_table(report.summarize(runs)))
     return 0
   if a.gguf is None and not gguf_available():
     print(f"SmolLM2's GGUF is not installed: {INSTALL_HINT}", file=sys.stderr)

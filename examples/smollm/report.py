@@ -68,12 +68,13 @@ def choose_lrs(runs: Iterable[dict]) -> dict[str, dict]:
   interior to the grid."""
   out = {}
   for method, grid in by_method(runs).items():
+    # The main command evaluates test only: its single lr per method needs no choice.
     val = {
-      lr: float(np.mean([s["validation"]["loss"] for s in seeds.values()]))
+      lr: float(np.mean([s.get("validation", {}).get("loss", np.nan) for s in seeds.values()]))
       for lr, seeds in grid.items()
     }
     lrs = sorted(val)
-    best = min(lrs, key=val.get)
+    best = lrs[0] if len(lrs) == 1 else min(lrs, key=val.get)
     out[method] = {"grid": lrs, "val_loss": val, "lr": best, "interior": lrs[0] < best < lrs[-1]}
   return out
 
@@ -128,7 +129,7 @@ def format_table(rows: list[dict], split: str = "test") -> str:
       lines.append(f"| {LABELS['zero_shot']} | - | - | {r['loss']} | {r['em']} | | | |")
       continue
     grid = ", ".join(f"{x:g}" for x in r["grid"])
-    edge = "" if r["interior"] else " (edge)"
+    edge = "" if r["interior"] or len(r["grid"]) == 1 else " (edge)"
     lines.append(
       f"| {LABELS[r['method']]} | {r['lr']:g}{edge} ({grid}) | {','.join(map(str, r['seeds']))} "
       f"| {r['loss']} | {r['em']} | {r.get('d_loss', '')} | {r.get('d_em', '')} "
