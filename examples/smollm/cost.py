@@ -106,7 +106,7 @@ def main(cfg, a, setup) -> dict:
     r = ratios[m]
     lines.append(
       f"| {LABELS[m]} | {sizes[m]:,} | {sizes[m] / sizes['lora']:.2f}x | "
-      f"{min(r):.2f}-{max(r):.2f}x (median {np.median(times[m]):.2f} s) |"
+      f"{min(r):.2f}-{max(r):.2f}x (median ratio {np.median(r):.2f}x, step {np.median(times[m]):.2f} s) |"
     )
   print(f"LoRA parameters: {params:,} bytes\n" + "\n".join(lines))
   out = Path(a.results) if a.results.suffix == ".json" else RESULTS / "cost.json"
