@@ -112,8 +112,12 @@ _DIRECTION = 20.0
 def raw_trusted(pair: batched.LeafPair, g_A: Array, g_B: Array) -> Array:
   """Whether `equivalent_gradient` and `project` are exact in the compute dtype:
   every product's size, K·max|X|·max|Y| for s·B·g^A, s·g^B·A (K = r), s·Bᵀ·D
-  (K = m) and s·D·Aᵀ (K = n), inside 2^±100, or an operand zero. NaN or Inf
-  fails it. Reductions over LoRA-sized arrays only."""
+  (K = m) and s·D·Aᵀ (K = n), and of the factors s·g^A, s·g^B that
+  `equivalent_gradient` forms first (K = 1), inside 2^±100, or an operand zero.
+  NaN or Inf fails it. Reductions over LoRA-sized arrays only.
+
+  (Without s·g^A and s·g^B: g^A ~ 1e38 and s = 8 overflowed s·g^A to Inf while
+  s·B·g^A, with B ~ 4e-10, was inside the bound, and the update was NaN.)"""
   lg = jnp.log2
   s, a, b = lg(pair.s), lg(_amax(pair.A)), lg(_amax(pair.B))
   ga, gb = lg(_amax(g_A)), lg(_amax(g_B))
@@ -121,7 +125,14 @@ def raw_trusted(pair: batched.LeafPair, g_A: Array, g_B: Array) -> Array:
   m = pair.B.shape[-1] if pair.layout == "flax" else pair.B.shape[-2]
   n = pair.A.shape[-2] if pair.layout == "flax" else pair.A.shape[-1]
   ok = jnp.asarray(True)
-  terms = ((s + b + ga, r), (s + gb + a, r), (s + b + _DIRECTION, m), (s + a + _DIRECTION, n))
+  terms = (
+    (s + b + ga, r),
+    (s + gb + a, r),
+    (s + b + _DIRECTION, m),
+    (s + a + _DIRECTION, n),
+    (s + ga, 1),
+    (s + gb, 1),
+  )
   for size, k in terms:
     ok &= jnp.all((size == -jnp.inf) | ((size >= -_LIMIT) & (size + lg(float(k)) <= _LIMIT)))
   return ok

@@ -460,6 +460,27 @@ def _compiled_steps(batch_axes):
   }
 )
 @example(case=UNDERFLOW_CASE)
+# Found by the 10,000-case campaign (seed 20261207): full mode returned NaN in every
+# x_choice (float32 too). The X = 0 gradients were ~1e38 and the equivalent gradient's
+# s·g^A overflowed to Inf before its product with B ~ 4e-10, which the raw path's guard
+# did not bound (fixed in lorapro_jax.full.raw_trusted).
+@example(
+  case={
+    "batch": (2,),
+    "m": 1,
+    "n": 5,
+    "r": 1,
+    "dtype": "bfloat16",
+    "kind_a": "normal",
+    "kind_b": "normal",
+    "scale_a": 1e-13,
+    "scale_b": 1e-08,
+    "scale_g": 1e21,
+    "consistent": False,
+    "s": 8.0,
+    "seed": 0,
+  }
+)
 def test_finite_inputs_give_finite_outputs_and_descent(checked, case):
   shape = (case["batch"], case["m"], case["n"], case["r"])
   event(f"bucket: {BUCKET_NAMES.get(shape, shape)}")
