@@ -32,6 +32,7 @@ FACTORED_VARIANTS = {
 }
 
 
+@pytest.mark.slow  # benchmark smoke run: compiles and times several arms
 def test_smoke_writes_expected_rows(tmp_path):
   sections = "update,factored,scaling,memory,compile,e2e"
   run.main(["--smoke", "--no-plot", "--out-dir", str(tmp_path), "--sections", sections])
@@ -188,6 +189,7 @@ def test_breakdown_prints_every_component(capsys):
   assert "passes" in out
 
 
+@pytest.mark.slow  # benchmark smoke run: compiles and times several arms
 def test_train_step_ratio(tmp_path):
   from benchmarks import train_step
 
@@ -200,6 +202,7 @@ def test_train_step_ratio(tmp_path):
     assert json.load(f)["provenance"]["versions"]["jax"]
 
 
+@pytest.mark.slow  # benchmark smoke run: compiles and times several arms
 def test_factored_cost_counts_every_arm(tmp_path):
   """benchmarks.factored_cost on a toy shape: HLO counts, timings, stages, report, K sweep."""
   from benchmarks import factored_cost
@@ -245,6 +248,7 @@ def _compiled_step(mode: str, layers: int) -> str:
 
 
 @pytest.mark.parametrize("mode, layers", [("efficient", 1), ("full", 1), ("factored", 2)])
+@pytest.mark.slow  # benchmark smoke run: compiles and times several arms
 def test_walker_finds_every_named_scope(mode, layers):
   """Each stage the walker expects is a named scope in the compiled HLO of a tiny step, and
   each walked kernel has a stage: renaming a scope in lorapro_jax fails here."""
@@ -312,6 +316,7 @@ def _gpu_check(tmp_path, **env):
   )
 
 
+@pytest.mark.slow  # benchmark smoke run: compiles and times several arms
 def test_gpu_check_dry_run(tmp_path):
   """benchmarks/gpu_check.sh runs every step at tiny sizes on the CPU and writes its results."""
   proc = _gpu_check(tmp_path)

@@ -12,6 +12,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = r"""
@@ -31,6 +33,7 @@ print("RESULT " + json.dumps(out))
 """
 
 
+@pytest.mark.slow  # a subprocess on 8 devices compiles three train steps
 def test_every_mode_trains_sharded_and_checkpoints(tmp_path):
   env = dict(
     os.environ,

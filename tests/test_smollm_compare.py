@@ -36,6 +36,7 @@ def gguf_path(tmp_path_factory):
   return path
 
 
+@pytest.mark.slow  # trains a tiny model with two optimizers
 def test_study_smoke_resumes_and_reports(gguf_path, tmp_path, capsys):
   results = tmp_path / "runs.jsonl"
   argv = [f"--gguf={gguf_path}", f"--results={results}", f"--cache-dir={tmp_path / 'cache'}"]
