@@ -17,6 +17,9 @@ import lorapro_jax as lpj
 
 ocp = pytest.importorskip("orbax.checkpoint")
 
+# Compiles a training step per mode and writes Orbax checkpoints.
+pytestmark = pytest.mark.slow
+
 STEPS, SAVE_AT, SCALE = 6, 3, 2.0
 
 

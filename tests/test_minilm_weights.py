@@ -73,6 +73,7 @@ def test_tokenizer_matches_reference():
   assert ids.shape == (2, max(len(x) for x in FIXTURE["input_ids"][:2]))
 
 
+@pytest.mark.slow  # loads the pretrained model
 def test_embeddings_match_pytorch_reference(model):
   emb, pooled = fwd(model, *W.tokenize(FIXTURE["sentences"], max_len=FIXTURE["max_len"]))
   emb = np.asarray(emb)
@@ -81,6 +82,7 @@ def test_embeddings_match_pytorch_reference(model):
   np.testing.assert_allclose(emb @ emb.T, np.array(FIXTURE["cosine"]), atol=ATOL)
 
 
+@pytest.mark.slow  # loads the pretrained model
 def test_truncated_embeddings_match_pytorch_reference(model):
   t = FIXTURE["truncated"]
   texts = [FIXTURE["sentences"][i] for i in t["sentence_index"]]
@@ -90,6 +92,7 @@ def test_truncated_embeddings_match_pytorch_reference(model):
   )
 
 
+@pytest.mark.slow  # loads the pretrained model
 def test_published_sentence_transformers_similarities(model):
   # Quickstart of the sentence-transformers README, which uses this model;
   # values printed there to 4 decimals.
@@ -102,6 +105,7 @@ def test_published_sentence_transformers_similarities(model):
   )
 
 
+@pytest.mark.slow  # loads the pretrained model
 def test_fresh_lora_adapters_leave_pretrained_output_unchanged(model):
   lora = W.load_pretrained(rank=8, alpha=16.0, scale_mode="rslora", rngs=nnx.Rngs(3))
   assert lora.scale == pytest.approx(16.0 / np.sqrt(8))

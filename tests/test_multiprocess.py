@@ -24,6 +24,10 @@ import numpy as np
 import pytest
 
 from tests import multiprocess_worker as worker
+from tests.helpers import assert_close
+
+# Three subprocesses that each train every mode and write checkpoints.
+pytestmark = pytest.mark.slow
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -127,16 +131,6 @@ def _keys(arrays, mode, kind):
   return keys
 
 
-def _assert_close(got, want, rtol, what):
-  if np.issubdtype(want.dtype, np.integer):
-    np.testing.assert_array_equal(got, want, err_msg=what)
-    return
-  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-  assert np.all(np.isfinite(got)), what
-  diff = np.max(np.abs(got - want), initial=0.0)
-  assert diff <= rtol * np.max(np.abs(want), initial=0.0), f"{what}: max |diff| {diff:.3g}"
-
-
 def _assert_bitwise(got, want, what):
   assert got.dtype == want.dtype and got.shape == want.shape, what
   assert got.tobytes() == want.tobytes(), what
@@ -179,7 +173,7 @@ def test_processes_match_single_process(runs, mode):
     assert sorted(arrays) == sorted(ref)
     for kind, rtol in (("run/updates", RTOL_UPDATES), ("saved", RTOL_STATE), ("final", RTOL_STATE)):
       for k in _keys(ref, mode, kind):
-        _assert_close(arrays[k], ref[k], rtol, f"process {i}: {k}")
+        assert_close(arrays[k], ref[k], rtol=rtol, atol=0, err_msg=f"process {i}: {k}")
     np.testing.assert_allclose(
       report["modes"][mode]["loss"], ref_report["modes"][mode]["loss"], rtol=RTOL_STATE
     )

@@ -118,6 +118,8 @@ def _final_losses(tx):
   return out
 
 
+# `losses` trains every optimizer for 200 steps from 2 initialisations and 3 seeds: the tests
+# that read it are marked slow.
 @pytest.fixture(scope="module")
 def losses():
   return {
@@ -134,12 +136,14 @@ def losses():
 # 0.04-0.10x, full 0.03-0.16x, factored 0.02-0.08x LoRA's.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["full", "factored"])
 def test_moment_modes_beat_lora_from_standard_init(losses, mode):
   got, lora = losses[mode][0.0], losses["lora"][0.0]
   assert np.all(got < 0.01 * lora), (got, lora)
 
 
+@pytest.mark.slow
 def test_efficient_mode_from_standard_init_trails_lora(losses):
   """Algorithm 2 as published: right after B = 0 its g^A is huge and AdamW's
   second moment remembers it, so A barely moves (docs/numerics.md, "Things worth knowing")."""
@@ -147,6 +151,7 @@ def test_efficient_mode_from_standard_init_trails_lora(losses):
   assert np.all(eff > 5 * lora), (eff, lora)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["efficient", "full", "factored"])
 def test_every_mode_beats_lora_from_nonzero_b(losses, mode):
   got, lora = losses[mode][0.3], losses["lora"][0.3]

@@ -20,6 +20,9 @@ from pathlib import Path
 
 import pytest
 
+# Builds and installs the wheel with pip in subprocesses.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 # What the build reads: the project table, the readme, the package and any license file.
 SOURCES = ("pyproject.toml", "README.md", "MANIFEST.in", "setup.cfg", "setup.py", "LICENSE")

@@ -33,6 +33,7 @@ import pytest
 
 import lorapro_jax as lpj
 from lorapro_jax.pairs import flat_shape, normalise_path, path_str
+from tests.helpers import assert_close
 
 nnx = pytest.importorskip("flax.nnx")
 qwix = pytest.importorskip("qwix")
@@ -135,19 +136,6 @@ def _flat(tree, spec=SPEC) -> dict:
   }
 
 
-def _close(got, want, rtol=1e-10):
-  for path, g in jax.tree_util.tree_leaves_with_path(got):
-    w = np.asarray(_at(want, path), np.float64)
-    g = np.asarray(g, np.float64)
-    assert np.max(np.abs(g - w)) <= rtol * max(np.max(np.abs(w)), 1e-300), path
-
-
-def _at(tree, path):
-  for k in path:
-    tree = tree[k.key]
-  return tree
-
-
 def _tx(mode, pairs):
   return lpj.lorapro_adamw(1e-2, scale=SCALE, mode=mode, weight_decay=0.1, pairs=pairs)
 
@@ -194,7 +182,7 @@ def _train_against_flat(model, modes):
       want = optax.apply_updates(_flat(params), flat_updates)
       params = optax.apply_updates(params, updates)
       _set_lora(model, params)
-      _close(_flat(params), want)
+      assert_close(_flat(params), want, rtol=1e-10, atol=0)
       losses.append(float(loss))
     assert np.all(np.isfinite(losses)), (mode, losses)
     out[mode] = losses
@@ -253,6 +241,7 @@ def test_qwix_pairs_and_ambiguous_stack():
     lpj.find_pairs(lora, lpj.QWIX)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
 def test_train_every_mode_matches_flattened_pairs(mode):
   with jax.enable_x64(True):
@@ -269,6 +258,7 @@ def test_train_every_mode_matches_flattened_pairs(mode):
   assert losses[-1] < losses[0], losses
 
 
+@pytest.mark.slow
 def test_qlora_int8_base_weights():
   """Qwix LoRA over int8 base kernels (QLoRA), every mode: only the LoRA
   leaves are optimised, the quantized kernels are left as they were."""
@@ -297,6 +287,7 @@ def test_equivalent_gradients_laid_out_like_the_kernels():
     np.testing.assert_allclose(np.reshape(g, w.shape), w, rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_example_smoke(capsys):
   """examples/qwix_gemma/compare.py --smoke: a tiny decoder, 3 steps of plain LoRA and
   LoRA-Pro full (the other modes differ only in the mode string, and train above)."""

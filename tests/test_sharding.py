@@ -16,6 +16,9 @@ import sys
 
 import pytest
 
+# One subprocess that trains every mode and layout on 8 simulated devices.
+pytestmark = pytest.mark.slow
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 LAYOUTS = ("fsdp", "tp", "dp")
 MODES = ("efficient", "full", "factored")
